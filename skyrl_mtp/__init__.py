@@ -1,0 +1,1 @@
+"""skyrl_mtp: RL trainer for models with multi-token-prediction heads."""

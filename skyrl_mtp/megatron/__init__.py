@@ -1,0 +1,1 @@
+"""Megatron-Core integration: model building, the output-processor hook, CPU support, HF bridge."""

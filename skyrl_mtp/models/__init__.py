@@ -1,0 +1,1 @@
+"""Model families (dataclass configs, presets, tokenizers) shared by Megatron and vLLM."""

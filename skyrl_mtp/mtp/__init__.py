@@ -1,0 +1,1 @@
+"""Multi-token-prediction (draft head) training pieces: losses and masks."""

@@ -1,0 +1,98 @@
+"""Vocabulary-parallel bookkeeping for the draft losses: which columns this rank owns, and the
+few collectives that turn per-shard softmax statistics into global ones.
+
+Rank ``r`` of a tensor-parallel group of size ``tp`` holds the contiguous columns
+``[r * local_size, (r + 1) * local_size)`` of a vocabulary padded to ``local_size * tp``.
+Columns at or beyond the true ``vocab_size`` are padding: they are sliced away before any
+softmax, top-k or gather, so a rank may own no valid column at all. Such a rank still takes
+part in every collective (with neutral values: max ``-inf``, sum ``0``), in the same order as
+every other rank, so no collective ever waits on a rank that skipped it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's slice of a (possibly padded) vocabulary and the group it is sharded over."""
+
+    group: dist.ProcessGroup | None
+    rank: int
+    size: int
+    local_size: int
+    vocab_size: int
+
+    @property
+    def offset(self) -> int:
+        """Global id of this rank's first column."""
+        return self.rank * self.local_size
+
+    @property
+    def num_valid(self) -> int:
+        """How many of this rank's columns are real tokens (the rest is padding)."""
+        return min(max(self.vocab_size - self.offset, 0), self.local_size)
+
+
+def group_rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(rank, world size) within `group`; (0, 1) when there is no tensor parallelism."""
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def all_reduce_max(tensor: Tensor, shard: VocabShard) -> Tensor:
+    """Element-wise max over the group, in place."""
+    if shard.size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=shard.group)
+    return tensor
+
+
+def all_reduce_sum(tensor: Tensor, shard: VocabShard) -> Tensor:
+    """Element-wise sum over the group, in place."""
+    if shard.size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=shard.group)
+    return tensor
+
+
+def all_gather_last_dim(tensor: Tensor, shard: VocabShard) -> Tensor:
+    """Concatenate every rank's `tensor` along the last dimension, in rank order."""
+    if shard.size == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    parts = [torch.empty_like(tensor) for _ in range(shard.size)]
+    dist.all_gather(parts, tensor, group=shard.group)
+    return torch.cat(parts, dim=-1)
+
+
+def local_max_and_sumexp(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Max over the last dim and ``sum(exp(x - max))``; ``(-inf, 0)`` for an empty (all-padding) shard."""
+    if x.shape[-1] == 0:
+        return x.new_full(x.shape[:-1], -math.inf), x.new_zeros(x.shape[:-1])
+    local_max = x.amax(dim=-1)
+    return local_max, torch.exp(x - local_max.unsqueeze(-1)).sum(dim=-1)
+
+
+def rebase(local_sum: Tensor, local_max: Tensor, global_max: Tensor) -> Tensor:
+    """Re-express a sum taken relative to `local_max` relative to `global_max`.
+
+    An empty shard has ``local_max = -inf`` and ``local_sum = 0``, which maps to 0 as wanted.
+    """
+    return local_sum * torch.exp(local_max - global_max)
+
+
+def owned_local_index(global_ids: Tensor, shard: VocabShard) -> tuple[Tensor, Tensor]:
+    """(local column index, owned) for global token ids.
+
+    ``owned`` is True where the id is a valid column of this shard; elsewhere the index is
+    clamped into range so it can be used with gather/scatter and then masked out.
+    """
+    local = global_ids - shard.offset
+    owned = (local >= 0) & (local < shard.num_valid)
+    return local.clamp(0, max(shard.num_valid - 1, 0)), owned

@@ -1,0 +1,89 @@
+"""Hidden capture and replay: run the MTP head on the *detached* trunk, for every MTP depth.
+
+During the policy forward, :class:`MtpCapture` records what Megatron's MTP block would have
+received (the trunk's rotary embedding via a forward hook; hidden states, ids, positions, mask
+and packing metadata from the output processor). :func:`replay_mtp` then runs the separately
+built ``MultiTokenPredictionBlock`` on ``hidden.detach()`` with a detached re-embedding of the
+shifted ids, so the draft loss's gradient reaches only the head (plus, if asked, the shared
+embedding). The policy's autograd graph is untouched: its update is what it would be without MTP.
+
+Output: one ``[s, b, h]`` tensor per depth; depth k at position t is the head's hidden state for
+predicting token t + k + 1 (Megatron's convention: the head input at t is the trunk hidden at t
+and the embedding of token t + k).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class MtpCapture:
+    """What the MTP block needs, recorded during one policy forward."""
+
+    rotary_pos_emb: torch.Tensor | None = None
+    _hook: object = field(default=None, repr=False)
+
+    def attach(self, trunk: torch.nn.Module) -> "MtpCapture":
+        """Hooks the trunk's rotary module; call once per trunk."""
+        rotary = getattr(trunk, "rotary_pos_emb", None)
+        if rotary is None:
+            raise ValueError("trunk has no rotary_pos_emb module: MTP replay supports RoPE models only")
+
+        def record(_module, _args, output):
+            self.rotary_pos_emb = output[0] if isinstance(output, tuple) else output
+
+        self._hook = rotary.register_forward_hook(record)
+        return self
+
+    def detach_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+class _DetachedEmbedding:
+    """The trunk's embedding as the MTP block calls it, optionally cut from the autograd graph."""
+
+    def __init__(self, embedding: torch.nn.Module, detach: bool):
+        self.embedding, self.detach = embedding, detach
+
+    def __call__(self, input_ids, position_ids):
+        out = self.embedding(input_ids=input_ids, position_ids=position_ids)
+        return out.detach() if self.detach else out
+
+
+def replay_mtp(mtp_block: torch.nn.Module, embedding: torch.nn.Module, *, hidden_states: torch.Tensor,
+               input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               rotary_pos_emb: torch.Tensor | None, packed_seq_params=None,
+               detach_trunk: bool = True, detach_embedding: bool = True) -> list[torch.Tensor]:
+    """Runs every MTP depth on the (detached) trunk hidden states; returns ``[s, b, h]`` per depth."""
+    depth = len(mtp_block.layers)
+    hidden = hidden_states.detach() if detach_trunk else hidden_states
+    out = mtp_block(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        hidden_states=hidden,
+        attention_mask=attention_mask,
+        rotary_pos_emb=rotary_pos_emb,
+        packed_seq_params=packed_seq_params,
+        embedding=_DetachedEmbedding(embedding, detach_embedding),
+    )
+    # The block returns cat([trunk hidden, depth 1, ..., depth N]) along the sequence dim.
+    return list(torch.chunk(out, 1 + depth, dim=0)[1:])
+
+
+def mtp_logits(output_layer: torch.nn.Module, hidden: torch.Tensor, output_weight: torch.Tensor | None = None,
+               *, detach_output: bool = True) -> torch.Tensor:
+    """Output adapter: MTP hidden ``[s, b, h]`` -> vocab-parallel logits ``[b, s, V_local]``.
+
+    Uses the trunk's (tied or untied) output layer. With detach_output the layer's weight is
+    detached, so the draft loss does not train the shared output layer (the policy's).
+    """
+    weight = output_weight if output_weight is not None else output_layer.weight
+    if detach_output:
+        weight = weight.detach()
+    logits, _ = output_layer(hidden, weight=weight, runtime_gather_output=False)
+    return logits.transpose(0, 1)
