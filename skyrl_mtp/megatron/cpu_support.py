@@ -91,12 +91,19 @@ class _InertStream:
         return False
 
 
+_RUNTIME_NAMES = ("current_device", "set_device", "synchronize", "empty_cache", "current_stream",
+                  "default_stream", "stream", "Stream", "Event", "get_rng_state", "set_rng_state",
+                  "manual_seed", "manual_seed_all")
+_originals: dict[str, object] = {}
+
+
 def _patch_torch_cuda_runtime() -> None:
     """Give the torch.cuda runtime calls Megatron makes a CPU meaning (idempotent)."""
     global _patched
     if _patched:
         return
     cuda = torch.cuda
+    _originals.update({name: getattr(cuda, name) for name in _RUNTIME_NAMES})
     cuda.current_device = lambda: 0
     cuda.set_device = lambda *a, **k: None
     cuda.synchronize = lambda *a, **k: None
@@ -128,6 +135,19 @@ def activate() -> bool:
         mode.__enter__()
         _state.mode = mode
     return True
+
+
+def deactivate() -> None:
+    """Undo :func:`activate` in the calling thread and restore torch.cuda (used by tests)."""
+    global _patched
+    mode = getattr(_state, "mode", None)
+    if mode is not None:
+        mode.__exit__(None, None, None)
+        _state.mode = None
+    if _patched:
+        for name, fn in _originals.items():
+            setattr(torch.cuda, name, fn)
+        _patched = False
 
 
 def is_active() -> bool:

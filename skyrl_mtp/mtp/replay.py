@@ -44,35 +44,62 @@ class MtpCapture:
             self._hook = None
 
 
-class _DetachedEmbedding:
-    """The trunk's embedding as the MTP block calls it, optionally cut from the autograd graph."""
+class _HeadEmbedding:
+    """The trunk's embedding as the MTP layer calls it: optionally cut from the autograd graph,
+    optionally with the first position of every sequence zeroed (vLLM's MiMo drafter does that:
+    it masks the token embedding where the hidden state's position is 0)."""
 
-    def __init__(self, embedding: torch.nn.Module, detach: bool):
-        self.embedding, self.detach = embedding, detach
+    def __init__(self, embedding: torch.nn.Module, detach: bool, zero_starts: torch.Tensor | None):
+        self.embedding, self.detach, self.zero_starts = embedding, detach, zero_starts
 
     def __call__(self, input_ids, position_ids):
-        out = self.embedding(input_ids=input_ids, position_ids=position_ids)
-        return out.detach() if self.detach else out
+        out = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
+        if self.detach:
+            out = out.detach()
+        if self.zero_starts is not None:
+            keep = torch.ones(out.shape[0], 1, 1, dtype=out.dtype, device=out.device)
+            keep[self.zero_starts] = 0
+            out = out * keep
+        return out
+
+
+def sequence_starts(packed_seq_params=None) -> torch.Tensor:
+    """Indices along the sequence dim where a sequence begins (0, or every packed segment start)."""
+    if packed_seq_params is None:
+        return torch.tensor([0])
+    return packed_seq_params.cu_seqlens_q[:-1].long().cpu()
 
 
 def replay_mtp(mtp_block: torch.nn.Module, embedding: torch.nn.Module, *, hidden_states: torch.Tensor,
                input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-               rotary_pos_emb: torch.Tensor | None, packed_seq_params=None,
-               detach_trunk: bool = True, detach_embedding: bool = True) -> list[torch.Tensor]:
-    """Runs every MTP depth on the (detached) trunk hidden states; returns ``[s, b, h]`` per depth."""
-    depth = len(mtp_block.layers)
+               rotary_pos_emb: torch.Tensor | None, packed_seq_params=None, num_depths: int | None = None,
+               detach_trunk: bool = True, detach_embedding: bool = True,
+               zero_first_embedding: bool = False) -> list[torch.Tensor]:
+    """Runs the MTP head on the (detached) trunk hidden states; returns ``[s, b, h]`` per depth.
+
+    Depth d uses MTP layer d when the block has that many layers, else reuses the last one on its
+    own output, as vLLM does for num_speculative_tokens > num_mtp_layers. With the block's own
+    depth this is exactly ``MultiTokenPredictionBlock.forward`` (tested against it).
+    ``zero_first_embedding`` reproduces vLLM's MiMo drafter at depth 1 (see _HeadEmbedding).
+    """
+    layers = mtp_block.layers
+    num_depths = num_depths or len(layers)
     hidden = hidden_states.detach() if detach_trunk else hidden_states
-    out = mtp_block(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        hidden_states=hidden,
-        attention_mask=attention_mask,
-        rotary_pos_emb=rotary_pos_emb,
-        packed_seq_params=packed_seq_params,
-        embedding=_DetachedEmbedding(embedding, detach_embedding),
-    )
-    # The block returns cat([trunk hidden, depth 1, ..., depth N]) along the sequence dim.
-    return list(torch.chunk(out, 1 + depth, dim=0)[1:])
+    outputs = []
+    for depth in range(num_depths):
+        zero = sequence_starts(packed_seq_params) if (zero_first_embedding and depth == 0) else None
+        layer = layers[min(depth, len(layers) - 1)]
+        hidden, input_ids, position_ids = layer(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            hidden_states=hidden,
+            attention_mask=attention_mask,
+            rotary_pos_emb=rotary_pos_emb,
+            packed_seq_params=packed_seq_params,
+            embedding=_HeadEmbedding(embedding, detach_embedding, zero),
+        )
+        outputs.append(hidden)
+    return outputs
 
 
 def mtp_logits(output_layer: torch.nn.Module, hidden: torch.Tensor, output_weight: torch.Tensor | None = None,

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny checkpoints and a Megatron process group for in-process model tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests must never attach to a foreign Ray cluster or phone home.
+os.environ.pop("RAY_ADDRESS", None)
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A random tiny mimo checkpoint (untied, 1 MTP layer) written by the project's own tool."""
+    from skyrl_mtp.tools.init_model import main
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    main(["--preset", "tiny", "--out", str(out), "--seed", "7"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def megatron_single():
+    """Megatron initialised for one process (gloo on CPU); torn down after the module."""
+    from skyrl_mtp.megatron import cpu_support
+    from skyrl_mtp.megatron.parallel import destroy_megatron, free_port, init_megatron
+
+    init_megatron(rank=0, world_size=1, master_port=free_port())
+    yield
+    destroy_megatron()
+    cpu_support.deactivate()
