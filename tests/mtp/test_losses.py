@@ -124,9 +124,13 @@ class Case:
 VOCAB_SIZES = {1: (8, 5), 2: (16, 11, 7), 3: (24, 13)}
 
 
+# Both temperatures with a chunk size that does not divide S = 7, and the unchunked path.
+TEMPERATURE_AND_CHUNK = ((0.7, 3), (1.0, 3), (1.0, None))
+
+
 def tp_cases(tp: int) -> list[Case]:
     cases = []
-    for vocab_size, temperature, chunk_size in itertools.product(VOCAB_SIZES[tp], (0.7, 1.0), (None, 3)):
+    for vocab_size, (temperature, chunk_size) in itertools.product(VOCAB_SIZES[tp], TEMPERATURE_AND_CHUNK):
         for loss_type in ("soft_ce", "hard_ce", "tv"):
             cases.append(Case(loss_type, vocab_size, temperature, chunk_size))
         # k = 3 fits in one shard; k = 10 > V_local needs candidates from several ranks.

@@ -1,0 +1,101 @@
+"""Check that MTP head training leaves the policy's update untouched, bitwise.
+
+    python -m skyrl_mtp.tools.check_policy_invariance --steps 5 [--loss-type soft_ce] [--model DIR]
+
+Trains two copies of the same policy for K optimizer steps on identical batches, one with the
+decoupled MTP draft loss and one without, then compares every policy parameter. Prints JSON:
+``{"identical": bool, "max_abs_diff": float, "mtp_loss_first": float, "mtp_loss_last": float, ...}``.
+Runs on one process (CPU or one GPU); without --model it makes a random tiny checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from dataclasses import replace
+
+import torch
+
+from skyrl_mtp.mtp.losses import LOSS_TYPES
+from skyrl_mtp.workers.config import MtpConfig, OptimConfig, PolicyLossConfig, PolicyWorkerConfig
+
+
+def synthetic_batch(step: int, vocab: int, batch: int, seq: int, prompt_len: int) -> dict[str, torch.Tensor]:
+    """A deterministic RL-shaped batch: prompt + response ids, response loss mask, advantages."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(4, vocab, (batch, seq), generator=gen)
+    lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=gen)
+    pos = torch.arange(seq)[None]
+    # position t predicts token t+1: loss where t+1 is a response token (prompt_len <= t+1 < length)
+    loss_mask = ((pos + 1 >= prompt_len) & (pos + 1 < lengths[:, None])).float()
+    adv = torch.randn(batch, generator=gen)[:, None].expand(-1, seq).contiguous()
+    return {"input_ids": ids, "loss_mask": loss_mask, "advantages": adv}
+
+
+def run(args) -> dict:
+    from skyrl_mtp.workers.policy import MegatronPolicy
+
+    model = args.model
+    if model is None:
+        from skyrl_mtp.tools.init_model import main as init_model
+
+        model = tempfile.mkdtemp(prefix="skyrl_mtp_invariance_") + "/tiny"
+        init_model(["--preset", "tiny", "--out", model, "--seed", str(args.seed)])
+    base = PolicyWorkerConfig(
+        model_path=model, micro_batch_size=args.micro_batch_size, params_dtype=args.dtype,
+        optim=OptimConfig(lr=args.lr, clip_grad=1.0),
+        loss=PolicyLossConfig(clip_eps_low=0.2, clip_eps_high=0.28, temperature=1.0),
+        mtp=MtpConfig(enabled=False))
+    mtp_cfg = MtpConfig(enabled=True, num_depths=args.num_depths, loss_type=args.loss_type,
+                        topk=args.topk if args.loss_type == "topk_soft_ce" else None,
+                        chunk_size=args.chunk_size, optim=OptimConfig(lr=args.head_lr, clip_grad=1.0),
+                        # a negative control: an attached output layer lets the draft loss train the policy
+                        detach_shared_output=not args.attach_output_layer)
+    with_mtp = MegatronPolicy(replace(base, mtp=mtp_cfg))
+    without = MegatronPolicy(base)
+    vocab = with_mtp.model_cfg.vocab_size
+    mtp_losses = []
+    for step in range(args.steps):
+        batch = synthetic_batch(step, min(vocab, 300), args.batch_size, args.seq_len, args.prompt_len)
+        # Old log-probs from the MTP-off copy (the on-policy value both copies would use).
+        batch["old_logprobs"] = without.compute_logprobs(batch)["logprobs"]
+        on = with_mtp.train_step(batch)
+        without.train_step(batch)
+        mtp_losses.append(on["mtp/loss"])
+    a, b = with_mtp.policy_state(), without.policy_state()
+    diffs = [(a[k].double() - b[k].double()).abs().max().item() for k in a]
+    identical = all(torch.equal(a[k], b[k]) for k in a) and set(a) == set(b)
+    return {"identical": identical, "max_abs_diff": max(diffs), "mtp_loss_first": mtp_losses[0],
+            "mtp_loss_last": mtp_losses[-1], "steps": args.steps, "loss_type": args.loss_type,
+            "num_policy_tensors": len(a)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--loss-type", default="soft_ce", choices=list(LOSS_TYPES))
+    parser.add_argument("--topk", type=int, default=16)
+    parser.add_argument("--num-depths", type=int, default=1)
+    parser.add_argument("--chunk-size", type=int, default=None)
+    parser.add_argument("--model", default=None, help="HF mimo checkpoint (default: a random tiny one)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--head-lr", type=float, default=3e-3)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attach-output-layer", action="store_true",
+                        help="let the draft loss train the shared output layer (must then report identical=false)")
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    report = run(args)
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The RL objective, written once against the output-processor contract
+(``skyrl_mtp.megatron.output_processor``): policy loss + decoupled draft loss in one forward.
+
+:func:`rl_output_processor` receives the trunk's final hidden states and the output layer, and:
+
+1. computes the policy's token log-probabilities at the rollout temperature (vocab-parallel);
+2. in ``"logprobs"`` mode returns them (old / reference log-probabilities, no graph kept);
+3. in ``"train"`` mode builds the policy loss (PPO-style clipped surrogate with separate low/high
+   epsilons, optional dual clip, token/sequence aggregation, optional KL to a reference), and,
+   when MTP is on, the draft loss: the MTP head replayed on the *detached* trunk
+   (``skyrl_mtp.mtp.replay``) distils the policy's detached next-token distribution, depth by
+   depth. Nothing of the draft loss reaches a policy parameter, so the policy's gradient is the
+   one it would have without MTP (checked bitwise by tools.check_policy_invariance).
+
+Normalisation: losses are divided by global counts (tokens or sequences over all micro-batches
+and data-parallel ranks) times the DP size, because Megatron DDP averages gradients over DP
+ranks; so the update equals one big-batch update whatever the micro-batching or DP layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from skyrl_mtp.mtp.losses import draft_loss, shift_mask
+from skyrl_mtp.mtp.replay import MtpCapture, mtp_logits, replay_mtp
+from skyrl_mtp.workers.vocab_parallel import token_logprobs_and_entropy
+
+
+@dataclass
+class DraftObjective:
+    """What the processor needs to train the MTP head (None when MTP is off)."""
+
+    head: torch.nn.Module  # MultiTokenPredictionBlock (wrapped or not in DDP)
+    capture: MtpCapture
+    embedding: torch.nn.Module
+    num_depths: int
+    loss_type: str = "soft_ce"
+    loss_weight: float = 1.0
+    topk: int | None = None
+    chunk_size: int | None = None
+    detach_shared_output: bool = True
+    detach_embedding: bool = True
+    zero_first_embedding: bool = True  # vLLM's MiMo drafter zeroes position 0's token embedding
+
+
+@dataclass
+class ObjectiveContext:
+    """The caller-owned context passed as ``output_processor_context``."""
+
+    mode: str  # "logprobs" | "train"
+    targets: torch.Tensor  # [b, s] token at t+1 (what logits at t predict)
+    loss_mask: torch.Tensor  # [b, s] 1 where position t predicts a response token
+    vocab_size: int
+    temperature: float = 1.0
+    tp_group: Any = None
+    # train mode
+    old_logprobs: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    policy_loss_fn: Callable | None = None  # (logprobs, old, adv, mask) -> (per-token loss, metrics)
+    loss_agg_mode: str = "token_mean"
+    normalizer: float = 1.0  # global tokens (token_mean) or sequences (seq_*) / dp_size
+    kl_coef: float = 0.0
+    kl_fn: Callable | None = None  # (logprobs, ref_logprobs) -> per-token KL
+    draft: DraftObjective | None = None
+    draft_normalizers: list[float] = field(default_factory=list)  # per depth: global draft tokens / dp
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: float) -> torch.Tensor:
+    """Sum of this micro-batch's share of a globally normalised loss (see module docstring)."""
+    mask = mask.to(per_token.dtype)
+    if mode == "token_mean":
+        return (per_token * mask).sum() / normalizer
+    if mode == "seq_mean_token_sum":
+        return (per_token * mask).sum(-1).sum() / normalizer
+    if mode == "seq_mean_token_mean":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)).sum() / normalizer
+    raise ValueError(f"unknown loss_agg_mode {mode!r}; use token_mean, seq_mean_token_sum or seq_mean_token_mean")
+
+
+def rl_output_processor(*, hidden_states, output_layer, output_weight, input_ids, position_ids,
+                        attention_mask, packed_seq_params, context: ObjectiveContext, **_unused):
+    """The output processor (keyword arguments as in PROCESSOR_KWARGS)."""
+    ctx = context
+    logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=False)
+    logits = logits.transpose(0, 1)  # [b, s, V_local]
+    logprobs, entropy = token_logprobs_and_entropy(
+        logits, ctx.targets, vocab_size=ctx.vocab_size, temperature=ctx.temperature, tp_group=ctx.tp_group)
+    if ctx.mode == "logprobs":
+        return {"logprobs": logprobs.detach(), "entropy": entropy}
+    if ctx.mode != "train":
+        raise ValueError(f"ObjectiveContext.mode must be 'logprobs' or 'train', got {ctx.mode!r}")
+
+    mask = ctx.loss_mask
+    per_token, metrics = ctx.policy_loss_fn(logprobs, ctx.old_logprobs, ctx.advantages, mask)
+    policy_loss = aggregate(per_token, mask, ctx.loss_agg_mode, ctx.normalizer)
+    stats = {"entropy_sum": (entropy * mask).sum(), "mask_sum": mask.sum()}
+    for name, value in metrics.items():
+        stats[name] = value
+    if ctx.kl_coef and ctx.ref_logprobs is not None:
+        kl = ctx.kl_fn(logprobs, ctx.ref_logprobs)
+        policy_loss = policy_loss + ctx.kl_coef * aggregate(kl, mask, ctx.loss_agg_mode, ctx.normalizer)
+        stats["kl_sum"] = (kl.detach() * mask).sum()
+
+    total = policy_loss
+    draft_terms = []
+    if ctx.draft is not None:
+        total_draft, draft_terms = _draft_losses(ctx, logits, hidden_states, output_layer, output_weight,
+                                                 input_ids, position_ids, attention_mask, packed_seq_params)
+        total = total + total_draft
+    return {"loss": total, "policy_loss": policy_loss.detach(), "draft": draft_terms, "stats": stats}
+
+
+def _draft_losses(ctx: ObjectiveContext, policy_logits, hidden_states, output_layer, output_weight,
+                  input_ids, position_ids, attention_mask, packed_seq_params):
+    """Sum over depths of loss_weight * (this micro-batch's share of) the draft loss; per-depth
+    (loss sum, weight) pairs for metrics."""
+    d = ctx.draft
+    hidden_per_depth = replay_mtp(
+        d.head, d.embedding, hidden_states=hidden_states, input_ids=input_ids, position_ids=position_ids,
+        attention_mask=attention_mask, rotary_pos_emb=d.capture.rotary_pos_emb,
+        packed_seq_params=packed_seq_params, num_depths=d.num_depths, detach_trunk=True,
+        detach_embedding=d.detach_embedding, zero_first_embedding=d.zero_first_embedding)
+    teacher_all = policy_logits.detach()
+    seq = teacher_all.shape[1]
+    total = hidden_states.new_zeros(())
+    terms = []
+    for depth, hidden in enumerate(hidden_per_depth, start=1):
+        # Head depth k at t predicts token t+k+1; the policy predicts it at t+k: that is the teacher.
+        mask = shift_mask(ctx.loss_mask, depth)[:, : seq - depth]
+        weight = mask.sum()
+        if weight.item() == 0:  # identical on every TP rank: all ranks skip together
+            terms.append((hidden.new_zeros(()), 0.0))
+            continue
+        student = mtp_logits(output_layer, hidden, output_weight, detach_output=d.detach_shared_output)
+        student = student[:, : seq - depth]
+        teacher = teacher_all[:, depth:]
+        labels = ctx.targets[:, depth:] if d.loss_type == "hard_ce" else None
+        mean = draft_loss(student, teacher, mask, loss_type=d.loss_type, labels=labels, topk=d.topk,
+                          temperature=ctx.temperature, vocab_size=ctx.vocab_size, tp_group=ctx.tp_group,
+                          chunk_size=d.chunk_size)
+        share = mean * weight / ctx.draft_normalizers[depth - 1]
+        total = total + d.loss_weight * share
+        terms.append(((mean * weight).detach(), float(weight)))
+    return total, terms

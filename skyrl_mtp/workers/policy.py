@@ -1,0 +1,331 @@
+"""The Megatron policy: one rank's trunk + MTP head, their DDP buffers, optimizers and schedules.
+
+:class:`MegatronPolicy` is plain Python (tests and tools drive it in-process); the Ray actors in
+``skyrl_mtp.workers.actors`` wrap it, one per rank. Separation of the two parameter sets:
+
+- the trunk (policy) is wrapped in its own Megatron DDP with its own optimizer and LR schedule;
+  its gradient reduction, grad-norm and clipping see only policy parameters;
+- the MTP head is a separate module with a separate DDP buffer, optimizer, schedule and clipping;
+- the draft loss reaches the head only (detached trunk, embedding and output layer by default).
+
+Batches are dicts of ``[B, S]`` tensors for this rank's data-parallel shard: ``input_ids``
+(right-padded), ``loss_mask`` (1 where position t predicts a response token), and for training
+``old_logprobs``, ``advantages`` and optionally ``ref_logprobs`` (aligned with loss_mask).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from skyrl_mtp.megatron.bridge import load_module_state, make_bridge, module_state, split_trunk_and_mtp
+from skyrl_mtp.megatron.model_builder import BuildOptions, build_mtp_block, build_trunk, causal_mask
+from skyrl_mtp.models.checkpoint import load_hf_state_dict
+from skyrl_mtp.models.mimo import MimoConfig
+from skyrl_mtp.mtp.replay import MtpCapture
+from skyrl_mtp.workers.config import OptimConfig, PolicyWorkerConfig
+from skyrl_mtp.workers.objective import DraftObjective, ObjectiveContext, rl_output_processor
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CHECKPOINT_FORMAT = 1
+
+
+def _make_optimizer(module, config, optim: OptimConfig, params_dtype):
+    """Megatron DDP (own grad buffer) + Megatron optimizer (clipping) + LR schedule for one module."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False), module)
+    opt = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad, bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype), [ddp])
+    sched = OptimizerParamScheduler(
+        opt, init_lr=0.0 if optim.lr_warmup_steps else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
+        lr_warmup_steps=optim.lr_warmup_steps, lr_decay_steps=max(optim.lr_decay_steps, optim.lr_warmup_steps + 1),
+        lr_decay_style=optim.lr_decay_style, start_wd=optim.weight_decay, end_wd=optim.weight_decay,
+        wd_incr_steps=1, wd_incr_style="constant")
+    return ddp, opt, sched
+
+
+class MegatronPolicy:
+    """One rank of the policy (or, with trainable=False, of the frozen reference)."""
+
+    def __init__(self, cfg: PolicyWorkerConfig, *, rank: int = 0, world_size: int = 1,
+                 master_addr: str = "127.0.0.1", master_port: int | None = None, trainable: bool = True,
+                 init_distributed: bool = True):
+        from skyrl_mtp.megatron.parallel import free_port, init_megatron
+
+        self.cfg = cfg
+        self.model_cfg = MimoConfig.from_pretrained(cfg.model_path)
+        cfg.validate(self.model_cfg.num_mtp_layers)  # before any process group or model exists
+        self.mtp_on = cfg.mtp.enabled and trainable
+        hf = load_hf_state_dict(cfg.model_path)
+        bridge = make_bridge(self.model_cfg, tp_size=cfg.tp_size)
+        full = bridge.hf_to_megatron(hf, with_mtp=self.mtp_on, source=cfg.model_path)
+        del hf
+
+        if init_distributed:
+            init_megatron(rank=rank, world_size=world_size, master_addr=master_addr,
+                          master_port=master_port or free_port(), tp_size=cfg.tp_size, pp_size=cfg.pp_size,
+                          seed=cfg.seed)
+        from megatron.core import parallel_state
+
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.bridge = bridge
+        self.params_dtype = _DTYPES[cfg.params_dtype]
+        opts = BuildOptions(tp_size=cfg.tp_size, pp_size=cfg.pp_size, params_dtype=self.params_dtype)
+        shard = bridge.shard_for_tp(full, self.tp_rank, cfg.tp_size)
+        trunk_state, head_state = split_trunk_and_mtp(shard)
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+
+        self.trunk = build_trunk(self.model_cfg, opts).to(device)
+        load_module_state(self.trunk, trunk_state, what=f"policy trunk ({cfg.model_path})")
+        self.head = None
+        if self.mtp_on:
+            self.head = build_mtp_block(self.model_cfg, opts).to(device)
+            load_module_state(self.head, head_state, what=f"MTP head ({cfg.model_path})")
+        self.capture = MtpCapture().attach(self.trunk)
+        self.device = device
+        self.step = 0
+        self.trainable = trainable
+        self.trunk_ddp = self.trunk_opt = self.trunk_sched = None
+        self.head_ddp = self.head_opt = self.head_sched = None
+        if trainable:
+            self.trunk_ddp, self.trunk_opt, self.trunk_sched = _make_optimizer(
+                self.trunk, self.trunk.config, cfg.optim, self.params_dtype)
+            if self.head is not None:
+                self.head_ddp, self.head_opt, self.head_sched = _make_optimizer(
+                    self.head, self.head.config, cfg.mtp.optim, self.params_dtype)
+        else:
+            self.trunk.eval()
+
+    # ------------------------------------------------------------------ helpers
+    def _model(self):
+        return self.trunk_ddp if self.trunk_ddp is not None else self.trunk
+
+    def _microbatches(self, batch: dict[str, torch.Tensor]):
+        n = batch["input_ids"].shape[0]
+        size = self.cfg.micro_batch_size
+        for start in range(0, n, size):
+            yield {k: (v[start:start + size].to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def _forward(self, mb: dict[str, torch.Tensor], ctx: ObjectiveContext):
+        ids = mb["input_ids"]
+        seq = ids.shape[1]
+        pos = torch.arange(seq, device=ids.device)[None].expand_as(ids)
+        return self._model()(ids, pos, causal_mask(seq, device=ids.device), output_processor=rl_output_processor,
+                             output_processor_context=ctx)
+
+    @staticmethod
+    def _targets(ids: torch.Tensor) -> torch.Tensor:
+        return torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
+
+    def _dp_sum(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        if self.dp_size > 1:
+            torch.distributed.all_reduce(t, group=self.dp_group)
+        return float(t.item())
+
+    # ------------------------------------------------------------------ forward-only
+    @torch.no_grad()
+    def compute_logprobs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Token log-probs (and entropies) at the rollout temperature, ``[B, S]`` aligned with loss_mask."""
+        self.trunk.eval()
+        out_lp, out_ent = [], []
+        for mb in self._microbatches(batch):
+            ctx = ObjectiveContext(mode="logprobs", targets=self._targets(mb["input_ids"]),
+                                   loss_mask=mb["loss_mask"], vocab_size=self.model_cfg.vocab_size,
+                                   temperature=self.cfg.loss.temperature, tp_group=self.tp_group)
+            out = self._forward(mb, ctx)
+            out_lp.append(out["logprobs"].cpu())
+            out_ent.append(out["entropy"].cpu())
+        return {"logprobs": torch.cat(out_lp), "entropy": torch.cat(out_ent)}
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One optimizer step of the policy (and of the MTP head) on this rank's shard."""
+        sums, draft_sums = self.accumulate_gradients(batch)
+        return self.apply_gradients(sums, draft_sums)
+
+    def accumulate_gradients(self, batch: dict[str, torch.Tensor]):
+        """Zero the grad buffers, run forward/backward over all micro-batches and reduce over DP.
+        Gradients end in each parameter's ``main_grad`` (Megatron DDP buffers)."""
+        from skyrl_mtp.workers.losses import kl_function, make_policy_loss_fn
+
+        if not self.trainable:
+            raise RuntimeError("train_step on a frozen (reference) policy")
+        lcfg = self.cfg.loss
+        mask = batch["loss_mask"].float()
+        if lcfg.loss_agg_mode == "token_mean":
+            normalizer = self._dp_sum(mask.sum().item()) / self.dp_size
+        else:
+            normalizer = self._dp_sum(float((mask.sum(-1) > 0).sum().item())) / self.dp_size
+        if normalizer <= 0:
+            raise ValueError("train_step got a batch with no response tokens (loss_mask is all zero)")
+        draft = None
+        draft_norms: list[float] = []
+        if self.head is not None:
+            from skyrl_mtp.mtp.losses import shift_mask
+
+            m = self.cfg.mtp
+            draft = DraftObjective(head=self.head, capture=self.capture, embedding=self.trunk.embedding,
+                                   num_depths=m.num_depths, loss_type=m.loss_type, loss_weight=m.loss_weight,
+                                   topk=m.topk, chunk_size=m.chunk_size, detach_shared_output=m.detach_shared_output,
+                                   detach_embedding=m.detach_embedding, zero_first_embedding=m.zero_first_embedding)
+            draft_norms = [max(self._dp_sum(shift_mask(mask, k).sum().item()) / self.dp_size, 1e-12)
+                           for k in range(1, m.num_depths + 1)]
+            self.head.train()
+            self.head_ddp.zero_grad_buffer()
+            self.head_opt.zero_grad()
+        self.trunk.train()
+        self.trunk_ddp.zero_grad_buffer()
+        self.trunk_opt.zero_grad()
+        policy_loss_fn = make_policy_loss_fn(lcfg)
+        kl_fn = kl_function(lcfg.kl_type) if lcfg.kl_coef else None
+
+        sums: dict[str, float] = {}
+        draft_sums = [[0.0, 0.0] for _ in draft_norms]
+        for mb in self._microbatches(batch):
+            ctx = ObjectiveContext(
+                mode="train", targets=self._targets(mb["input_ids"]), loss_mask=mb["loss_mask"].float(),
+                vocab_size=self.model_cfg.vocab_size, temperature=lcfg.temperature, tp_group=self.tp_group,
+                old_logprobs=mb["old_logprobs"], advantages=mb["advantages"], ref_logprobs=mb.get("ref_logprobs"),
+                policy_loss_fn=policy_loss_fn, loss_agg_mode=lcfg.loss_agg_mode, normalizer=normalizer,
+                kl_coef=lcfg.kl_coef, kl_fn=kl_fn, draft=draft, draft_normalizers=draft_norms)
+            out = self._forward(mb, ctx)
+            out["loss"].backward()
+            sums["policy_loss"] = sums.get("policy_loss", 0.0) + float(out["policy_loss"])
+            for name, value in out["stats"].items():
+                sums[name] = sums.get(name, 0.0) + float(value)
+            for k, (loss_sum, weight) in enumerate(out["draft"]):
+                draft_sums[k][0] += float(loss_sum)
+                draft_sums[k][1] += weight
+        self.trunk_ddp.finish_grad_sync()
+        if self.head is not None:
+            self.head_ddp.finish_grad_sync()
+        return sums, draft_sums
+
+    def apply_gradients(self, sums: dict[str, float], draft_sums: list[list[float]]) -> dict[str, float]:
+        """Clip and step each optimizer on its own parameters; advance both LR schedules."""
+        ok, grad_norm, _ = self.trunk_opt.step()
+        self.trunk_sched.step(1)
+        metrics = self._reduce_metrics(sums)
+        metrics.update({"policy/grad_norm": float(grad_norm or 0.0), "policy/update_ok": float(bool(ok)),
+                        "policy/lr": self.trunk_opt.param_groups[0]["lr"]})
+        if self.head is not None:
+            _, head_norm, _ = self.head_opt.step()
+            self.head_sched.step(1)
+            metrics.update(self._draft_metrics(draft_sums))
+            metrics.update({"mtp/grad_norm": float(head_norm or 0.0), "mtp/lr": self.head_opt.param_groups[0]["lr"]})
+        self.step += 1
+        return metrics
+
+    def _reduce_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        keys = sorted(sums)
+        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
+        if self.dp_size > 1:
+            torch.distributed.all_reduce(t, group=self.dp_group)
+        total = dict(zip(keys, t.tolist()))
+        tokens = max(total.pop("mask_sum", 0.0), 1.0)
+        out = {"policy/loss": total.pop("policy_loss") / 1.0}
+        out["policy/entropy"] = total.pop("entropy_sum") / tokens
+        if "kl_sum" in total:
+            out["policy/kl"] = total.pop("kl_sum") / tokens
+        for name, value in total.items():  # token sums from the policy-loss function
+            out[name if "/" in name else f"policy/{name}"] = value / tokens
+        return out
+
+    def _draft_metrics(self, draft_sums: list[list[float]]) -> dict[str, float]:
+        t = torch.tensor(draft_sums, dtype=torch.float64, device=self.device)
+        if self.dp_size > 1:
+            torch.distributed.all_reduce(t, group=self.dp_group)
+        out, total_loss, total_w = {}, 0.0, 0.0
+        for k, (loss_sum, weight) in enumerate(t.tolist(), start=1):
+            out[f"mtp/loss_depth_{k}"] = loss_sum / max(weight, 1.0)
+            total_loss, total_w = total_loss + loss_sum, total_w + weight
+        out["mtp/loss"] = total_loss / max(total_w, 1.0)
+        return out
+
+    # ------------------------------------------------------------------ weights out
+    def export_hf_weights(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
+        """Full HF-named tensors (draft head included when MTP is on) on TP rank 0 of DP rank 0; None elsewhere.
+        Collective over the TP group."""
+        from skyrl_mtp.megatron.export import export_hf_tensors
+
+        hf = export_hf_tensors(self.trunk, self.head, self.bridge, self.tp_group, dtype=dtype)
+        if self.tp_rank == 0 and self.dp_rank == 0:
+            return {k: v.detach().cpu() for k, v in hf.items()}
+        return None
+
+    def policy_state(self) -> dict[str, torch.Tensor]:
+        """This rank's policy parameters (for invariance checks)."""
+        return {k: v.detach().clone().cpu() for k, v in module_state(self.trunk).items()}
+
+    # ------------------------------------------------------------------ checkpoints
+    def shard_name(self) -> str:
+        return f"model_tp{self.tp_rank}.pt"
+
+    def save_checkpoint(self, directory: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Writes this model-parallel rank's shard (DP rank 0 only) into `directory`, which the
+        caller later renames into place (see skyrl_mtp.trainer.checkpoint): never a half-written latest."""
+        if self.dp_rank != 0:
+            return
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "tp_size": self.cfg.tp_size,
+            "mtp": self.head is not None,
+            "trunk": module_state(self.trunk),
+            "trunk_opt": self.trunk_opt.state_dict(),
+            "trunk_sched": self.trunk_sched.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "extra": extra or {},
+        }
+        if self.head is not None:
+            state.update(head=module_state(self.head), head_opt=self.head_opt.state_dict(),
+                         head_sched=self.head_sched.state_dict())
+        path = Path(directory) / self.shard_name()
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+
+    def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
+        path = Path(directory) / self.shard_name()
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint shard {path} is missing")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a truncated or foreign file
+            raise ValueError(f"checkpoint shard {path} is corrupted or not a skyrl_mtp checkpoint: {err}") from err
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, this version reads {CHECKPOINT_FORMAT}")
+        if state["tp_size"] != self.cfg.tp_size:
+            raise ValueError(f"{path}: saved with tp_size={state['tp_size']}, this run uses tp_size={self.cfg.tp_size}")
+        if state["mtp"] != (self.head is not None):
+            raise ValueError(f"{path}: saved with MTP {'on' if state['mtp'] else 'off'}, this run has MTP "
+                             f"{'on' if self.head is not None else 'off'}; keep trainer.mtp.enabled as it was")
+        load_module_state(self.trunk, state["trunk"], what=f"policy trunk from {path}")
+        self.trunk_opt.load_state_dict(state["trunk_opt"])
+        self.trunk_sched.load_state_dict(state["trunk_sched"])
+        if self.head is not None:
+            load_module_state(self.head, state["head"], what=f"MTP head from {path}")
+            self.head_opt.load_state_dict(state["head_opt"])
+            self.head_sched.load_state_dict(state["head_sched"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(_as_tuple(state["rng"]["python"]))
+        self.step = state["step"]
+        return state["extra"]
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
