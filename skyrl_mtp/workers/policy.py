@@ -237,7 +237,8 @@ class MegatronPolicy:
             torch.distributed.all_reduce(t, group=self.dp_group)
         total = dict(zip(keys, t.tolist()))
         tokens = max(total.pop("mask_sum", 0.0), 1.0)
-        out = {"policy/loss": total.pop("policy_loss") / 1.0}
+        # Each rank's loss is its share of the global loss scaled by dp_size (DDP averages grads).
+        out = {"policy/loss": total.pop("policy_loss") / self.dp_size}
         out["policy/entropy"] = total.pop("entropy_sum") / tokens
         if "kl_sum" in total:
             out["policy/kl"] = total.pop("kl_sum") / tokens

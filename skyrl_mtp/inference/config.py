@@ -1,0 +1,168 @@
+"""Configuration of the rollout engines (``RolloutConfig``) and of one generation call
+(``SamplingConfig``).
+
+Both validate in ``__post_init__`` so bad settings fail in the driver, before any Ray actor or
+vLLM engine starts. The RL driver builds them from its Hydra config; nothing here imports vLLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+Device = Literal["auto", "cpu", "cuda"]
+
+# Logprob modes this project accepts (vLLM ``logprobs_mode``). "processed_logprobs" is the
+# log-probability under the distribution the token was sampled from (after temperature and
+# top-k/top-p); "raw_logprobs" is log_softmax of the unmodified logits (temperature 1).
+LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
+
+# On the CPU backend vLLM sizes the KV cache from ``gpu_memory_utilization`` x total memory and
+# checks it against one NUMA node's free memory, so GPU-style fractions fail (STACK.md). An
+# explicit size avoids that check and the start-up warm-up pass vLLM needs to auto-size.
+DEFAULT_CPU_KV_CACHE_BYTES = 512 << 20
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Everything needed to start the rollout engines.
+
+    ``num_speculative_tokens`` 0 or None disables drafting; k >= 1 drafts k tokens per step with
+    the checkpoint's MTP head (``speculative_method``), re-running the one head for k > 1.
+    """
+
+    model_path: str
+    num_engines: int = 1
+    tensor_parallel_size: int = 1
+    num_speculative_tokens: int | None = None
+    speculative_method: str = "mtp"
+    max_model_len: int = 2048
+    dtype: str = "auto"
+    seed: int = 0
+    device: Device = "auto"
+    # GPU: fraction of device memory vLLM may use. CPU: see kv_cache_memory_bytes.
+    gpu_memory_utilization: float = 0.85
+    # Explicit KV cache size in bytes; None = vLLM's sizing on GPU, DEFAULT_CPU_KV_CACHE_BYTES on CPU.
+    kv_cache_memory_bytes: int | None = None
+    # None = True on CPU (no torch.compile start-up cost), False on GPU (CUDA graphs).
+    enforce_eager: bool | None = None
+    enable_prefix_caching: bool = True
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    logprobs_mode: str = "processed_logprobs"
+    # Weight sync: tensors travel in buckets of at most this many bytes (bigger tensors are split
+    # along dim 0), so no single Ray call or staging step holds more than one bucket in flight.
+    bucket_bytes: int = 256 << 20
+    weight_transport: str = "ray"
+    # Ray resources of each engine actor. GPUs per engine = tensor_parallel_size on CUDA.
+    num_cpus_per_engine: float = 1.0
+    # One short generation at start-up so first-call compilation (e.g. vLLM's compiled logprob
+    # rank kernel) is not charged to the first rollout.
+    warmup: bool = True
+    # Seconds to wait for an engine to start / answer a call; None waits forever.
+    startup_timeout_s: float | None = 600.0
+    call_timeout_s: float | None = None
+    # Extra environment variables for the engine processes (e.g. VLLM_CPU_OMP_THREADS_BIND).
+    engine_env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.model_path:
+            raise ValueError("RolloutConfig.model_path must name a checkpoint directory or model id")
+        _check_int(self, "num_engines", minimum=1)
+        _check_int(self, "tensor_parallel_size", minimum=1)
+        _check_int(self, "max_model_len", minimum=2)
+        _check_int(self, "bucket_bytes", minimum=1)
+        k = self.num_speculative_tokens
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
+            raise ValueError(f"RolloutConfig.num_speculative_tokens must be None or an int >= 0, got {k!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"RolloutConfig.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"RolloutConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_memory_bytes is not None:
+            _check_int(self, "kv_cache_memory_bytes", minimum=1)
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"RolloutConfig.logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
+        if self.num_cpus_per_engine < 0:
+            raise ValueError(f"RolloutConfig.num_cpus_per_engine must be >= 0, got {self.num_cpus_per_engine}")
+        if self.resolved_device() == "cpu" and self.tensor_parallel_size != 1:
+            raise ValueError(
+                f"RolloutConfig.tensor_parallel_size={self.tensor_parallel_size} is not supported on CPU: "
+                "the CPU backend runs one engine per process with tensor_parallel_size=1; "
+                "use num_engines for data parallelism instead")
+
+    @property
+    def drafting(self) -> bool:
+        return bool(self.num_speculative_tokens)
+
+    def resolved_device(self) -> str:
+        """'cpu' or 'cuda'. 'auto' asks torch (the engine re-checks against vLLM's platform)."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_enforce_eager(self, device: str) -> bool:
+        return (device == "cpu") if self.enforce_eager is None else self.enforce_eager
+
+    def resolved_kv_cache_bytes(self, device: str) -> int | None:
+        if self.kv_cache_memory_bytes is not None:
+            return self.kv_cache_memory_bytes
+        return DEFAULT_CPU_KV_CACHE_BYTES if device == "cpu" else None
+
+    def replace(self, **changes) -> "RolloutConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Sampling settings of one generation call (maps onto vLLM ``SamplingParams``).
+
+    ``temperature`` 0 is greedy. ``logprobs`` True returns, per sampled token, its log-probability
+    under the engine's ``logprobs_mode`` (see docs/inference.md).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 (or -1) disables top-k
+    max_tokens: int = 256
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: bool = True
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"SamplingConfig.temperature must be a finite number >= 0, got {t!r}")
+        p = self.top_p
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 < p <= 1.0:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            raise ValueError(f"SamplingConfig.top_k must be -1, 0 (disabled) or >= 1, got {self.top_k!r}")
+        _check_int(self, "max_tokens", minimum=1)
+        _check_int(self, "n", minimum=1)
+        if isinstance(self.stop, str):  # a bare string would be split into characters
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"SamplingConfig.stop must hold non-empty strings, got {self.stop!r}")
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.stop_token_ids):
+            raise ValueError(f"SamplingConfig.stop_token_ids must hold ints >= 0, got {self.stop_token_ids!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"SamplingConfig.seed must be None or an int, got {self.seed!r}")
+
+    def replace(self, **changes) -> "SamplingConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_int(obj: object, name: str, *, minimum: int) -> None:
+    value = getattr(obj, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{type(obj).__name__}.{name} must be an int >= {minimum}, got {value!r}")

@@ -1,0 +1,136 @@
+"""Ray actors around :class:`MegatronPolicy` (one actor per rank) and the group that drives them.
+
+``PolicyWorker`` trains (policy + MTP head); ``RefWorker`` is the frozen reference policy that
+only computes log-probabilities. A :class:`WorkerGroup` starts ``dp * tp`` actors, wires up the
+rendezvous (rank 0's address, a free port), splits each batch over data-parallel ranks (all TP
+ranks of a DP rank get the same shard) and collects results from TP rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ray
+import torch
+
+from skyrl_mtp.workers.config import PolicyWorkerConfig
+
+
+class _PolicyActor:
+    def __init__(self, cfg: PolicyWorkerConfig, rank: int, world_size: int, master_addr: str, master_port: int,
+                 trainable: bool, num_threads: int | None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        from skyrl_mtp.workers.policy import MegatronPolicy
+
+        self.policy = MegatronPolicy(cfg, rank=rank, world_size=world_size, master_addr=master_addr,
+                                     master_port=master_port, trainable=trainable)
+
+    def _ensure_thread(self):
+        # Ray may run actor methods on a thread other than __init__'s: keep the CPU redirect active.
+        from skyrl_mtp.megatron import cpu_support
+
+        cpu_support.activate()
+
+    def layout(self) -> dict[str, int]:
+        p = self.policy
+        return {"dp_rank": p.dp_rank, "tp_rank": p.tp_rank, "dp_size": p.dp_size}
+
+    def compute_logprobs(self, batch):
+        self._ensure_thread()
+        return self.policy.compute_logprobs(batch)
+
+    def train_step(self, batch):
+        self._ensure_thread()
+        return self.policy.train_step(batch)
+
+    def export_hf_weights(self):
+        self._ensure_thread()
+        return self.policy.export_hf_weights()
+
+    def save_checkpoint(self, directory: str, extra: dict | None = None):
+        self._ensure_thread()
+        self.policy.save_checkpoint(directory, extra)
+
+    def load_checkpoint(self, directory: str):
+        self._ensure_thread()
+        return self.policy.load_checkpoint(directory)
+
+    def model_info(self) -> dict[str, Any]:
+        cfg = self.policy.model_cfg
+        return {"vocab_size": cfg.vocab_size, "num_mtp_layers": cfg.num_mtp_layers, "step": self.policy.step}
+
+
+def _node_ip() -> str:
+    return ray.util.get_node_ip_address()
+
+
+class WorkerGroup:
+    """``dp * tp`` policy (or reference) actors behaving like one data-parallel policy."""
+
+    def __init__(self, cfg: PolicyWorkerConfig, *, dp_size: int = 1, trainable: bool = True,
+                 num_cpus_per_worker: float = 1.0, num_gpus_per_worker: float = 0.0,
+                 num_threads: int | None = None, name: str = "policy"):
+        world = dp_size * cfg.tp_size * cfg.pp_size
+        actor_cls = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker)(_PolicyActor)
+        master_addr = _node_ip() if world > 1 else "127.0.0.1"
+        from skyrl_mtp.megatron.parallel import free_port
+
+        port = free_port()
+        env = {"env_vars": {"OMP_NUM_THREADS": str(num_threads or 1)}}
+        self.name = name
+        self.actors = [actor_cls.options(name=None, runtime_env=env).remote(
+            cfg, r, world, master_addr, port, trainable, num_threads) for r in range(world)]
+        self.layouts = ray.get([a.layout.remote() for a in self.actors])
+        self.dp_size = self.layouts[0]["dp_size"]
+
+    def _shards(self, batch: dict[str, torch.Tensor]):
+        n = batch["input_ids"].shape[0]
+        if n % self.dp_size:
+            raise ValueError(f"{self.name}: batch of {n} sequences does not split over dp_size={self.dp_size}")
+        per = n // self.dp_size
+        for layout in self.layouts:
+            r = layout["dp_rank"]
+            yield {k: v[r * per:(r + 1) * per] for k, v in batch.items()}
+
+    def _call(self, method: str, batch):
+        refs = [getattr(a, method).remote(shard) for a, shard in zip(self.actors, self._shards(batch))]
+        return ray.get(refs)
+
+    def compute_logprobs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        results = self._call("compute_logprobs", batch)
+        by_dp = {lay["dp_rank"]: res for res, lay in zip(results, self.layouts) if lay["tp_rank"] == 0}
+        return {k: torch.cat([by_dp[r][k] for r in range(self.dp_size)]) for k in by_dp[0]}
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        return self._call("train_step", batch)[0]
+
+    def export_hf_weights(self) -> dict[str, torch.Tensor]:
+        return next(w for w in ray.get([a.export_hf_weights.remote() for a in self.actors]) if w is not None)
+
+    def save_checkpoint(self, directory: str, extra: dict | None = None) -> None:
+        ray.get([a.save_checkpoint.remote(directory, extra) for a in self.actors])
+
+    def load_checkpoint(self, directory: str) -> dict:
+        return ray.get([a.load_checkpoint.remote(directory) for a in self.actors])[0]
+
+    def model_info(self) -> dict[str, Any]:
+        return ray.get(self.actors[0].model_info.remote())
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+def ray_init_local(num_cpus: int | None = None, address: str | None = None, dashboard: bool = False) -> None:
+    """Local Ray by default (dashboard off, or on loopback), or attach to `address` for a cluster."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address)
+        return
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+             log_to_driver=True, configure_logging=False)
