@@ -21,9 +21,9 @@ that overlong filtering removed). Nothing here knows about Megatron, vLLM or dev
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Hashable, Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor

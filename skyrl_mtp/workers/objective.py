@@ -20,11 +20,12 @@ ranks; so the update equals one big-batch update whatever the micro-batching or 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from skyrl_mtp.mtp.losses import draft_loss, shift_mask
+from skyrl_mtp.trainer.algorithms import aggregate_loss, compute_policy_loss, kl_penalty
 from skyrl_mtp.mtp.replay import MtpCapture, mtp_logits, replay_mtp
 from skyrl_mtp.workers.vocab_parallel import token_logprobs_and_entropy
 
@@ -60,25 +61,12 @@ class ObjectiveContext:
     old_logprobs: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
-    policy_loss_fn: Callable | None = None  # (logprobs, old, adv, mask) -> (per-token loss, metrics)
-    loss_agg_mode: str = "token_mean"
+    policy_loss_config: Any = None  # skyrl_mtp.trainer.algorithms.PolicyLossConfig
     normalizer: float = 1.0  # global tokens (token_mean) or sequences (seq_*) / dp_size
     kl_coef: float = 0.0
-    kl_fn: Callable | None = None  # (logprobs, ref_logprobs) -> per-token KL
+    kl_type: str = "low_var_kl"
     draft: DraftObjective | None = None
     draft_normalizers: list[float] = field(default_factory=list)  # per depth: global draft tokens / dp
-
-
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: float) -> torch.Tensor:
-    """Sum of this micro-batch's share of a globally normalised loss (see module docstring)."""
-    mask = mask.to(per_token.dtype)
-    if mode == "token_mean":
-        return (per_token * mask).sum() / normalizer
-    if mode == "seq_mean_token_sum":
-        return (per_token * mask).sum(-1).sum() / normalizer
-    if mode == "seq_mean_token_mean":
-        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)).sum() / normalizer
-    raise ValueError(f"unknown loss_agg_mode {mode!r}; use token_mean, seq_mean_token_sum or seq_mean_token_mean")
 
 
 def rl_output_processor(*, hidden_states, output_layer, output_weight, input_ids, position_ids,
@@ -95,14 +83,17 @@ def rl_output_processor(*, hidden_states, output_layer, output_weight, input_ids
         raise ValueError(f"ObjectiveContext.mode must be 'logprobs' or 'train', got {ctx.mode!r}")
 
     mask = ctx.loss_mask
-    per_token, metrics = ctx.policy_loss_fn(logprobs, ctx.old_logprobs, ctx.advantages, mask)
-    policy_loss = aggregate(per_token, mask, ctx.loss_agg_mode, ctx.normalizer)
-    stats = {"entropy_sum": (entropy * mask).sum(), "mask_sum": mask.sum()}
-    for name, value in metrics.items():
-        stats[name] = value
+    lcfg = ctx.policy_loss_config
+    norm = {"num_tokens" if lcfg.loss_agg_mode == "token_mean" else "num_seqs": ctx.normalizer}
+    policy_loss, metrics = compute_policy_loss(logprobs, ctx.old_logprobs, ctx.advantages, mask, lcfg, **norm)
+    tokens = mask.sum()
+    stats = {"entropy_sum": (entropy * mask).sum(), "mask_sum": tokens}
+    for name, value in metrics.items():  # token means of this micro-batch -> token sums
+        if name != "policy/loss":
+            stats[name] = value * tokens
     if ctx.kl_coef and ctx.ref_logprobs is not None:
-        kl = ctx.kl_fn(logprobs, ctx.ref_logprobs)
-        policy_loss = policy_loss + ctx.kl_coef * aggregate(kl, mask, ctx.loss_agg_mode, ctx.normalizer)
+        kl = kl_penalty(logprobs, ctx.ref_logprobs, ctx.kl_type)
+        policy_loss = policy_loss + ctx.kl_coef * aggregate_loss(kl, mask, lcfg.loss_agg_mode, **norm)
         stats["kl_sum"] = (kl.detach() * mask).sum()
 
     total = policy_loss

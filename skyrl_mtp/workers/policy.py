@@ -160,7 +160,7 @@ class MegatronPolicy:
     def accumulate_gradients(self, batch: dict[str, torch.Tensor]):
         """Zero the grad buffers, run forward/backward over all micro-batches and reduce over DP.
         Gradients end in each parameter's ``main_grad`` (Megatron DDP buffers)."""
-        from skyrl_mtp.workers.losses import kl_function, make_policy_loss_fn
+        from skyrl_mtp.trainer.algorithms import PolicyLossConfig as LossFnConfig
 
         if not self.trainable:
             raise RuntimeError("train_step on a frozen (reference) policy")
@@ -190,8 +190,9 @@ class MegatronPolicy:
         self.trunk.train()
         self.trunk_ddp.zero_grad_buffer()
         self.trunk_opt.zero_grad()
-        policy_loss_fn = make_policy_loss_fn(lcfg)
-        kl_fn = kl_function(lcfg.kl_type) if lcfg.kl_coef else None
+        loss_fn_cfg = LossFnConfig(name=lcfg.policy_loss, clip_eps_low=lcfg.clip_eps_low,
+                                   clip_eps_high=lcfg.clip_eps_high, clip_ratio_c=lcfg.clip_ratio_c,
+                                   loss_agg_mode=lcfg.loss_agg_mode)
 
         sums: dict[str, float] = {}
         draft_sums = [[0.0, 0.0] for _ in draft_norms]
@@ -200,8 +201,8 @@ class MegatronPolicy:
                 mode="train", targets=self._targets(mb["input_ids"]), loss_mask=mb["loss_mask"].float(),
                 vocab_size=self.model_cfg.vocab_size, temperature=lcfg.temperature, tp_group=self.tp_group,
                 old_logprobs=mb["old_logprobs"], advantages=mb["advantages"], ref_logprobs=mb.get("ref_logprobs"),
-                policy_loss_fn=policy_loss_fn, loss_agg_mode=lcfg.loss_agg_mode, normalizer=normalizer,
-                kl_coef=lcfg.kl_coef, kl_fn=kl_fn, draft=draft, draft_normalizers=draft_norms)
+                policy_loss_config=loss_fn_cfg, normalizer=normalizer, kl_coef=lcfg.kl_coef,
+                kl_type=lcfg.kl_type, draft=draft, draft_normalizers=draft_norms)
             out = self._forward(mb, ctx)
             out["loss"].backward()
             sums["policy_loss"] = sums.get("policy_loss", 0.0) + float(out["policy_loss"])

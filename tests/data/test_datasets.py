@@ -31,7 +31,8 @@ def test_jsonl_string_and_chat_prompts(tmp_path):
 
 def test_jsonl_blank_lines_and_custom_keys(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps({"question": "q1", "solution": "a1"}) + "\n\n" + json.dumps({"question": "q2", "solution": "a2"}) + "\n")
+    rows = [{"question": "q1", "solution": "a1"}, {"question": "q2", "solution": "a2"}]
+    path.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")  # a blank line between
     examples = load_examples(path, prompt_key="question", answer_key="solution")
     assert [(e["prompt"], e["answer"]) for e in examples] == [("q1", "a1"), ("q2", "a2")]
     assert load_examples(path, prompt_key="question", answer_key="solution", max_examples=1) == examples[:1]

@@ -1,0 +1,303 @@
+"""The typed config tree of a run and its validation.
+
+Hydra composes ``configs/config.yaml`` (groups: algorithm, model, data, trainer, generator,
+megatron) over these dataclasses, so a misspelt key fails at composition. :func:`validate_config`
+then checks values and cross-field rules and raises :class:`ConfigError` listing *every* problem,
+each naming the key and the fix, before Ray or any model starts.
+
+``trainer.mtp`` is the one high-level knob: it turns on MTP head training in Megatron *and*
+drafting in vLLM (``speculative_config``), unless ``generator.speculative_config`` is set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from skyrl_mtp.mtp.losses import LOSS_TYPES
+
+
+class ConfigError(ValueError):
+    """One or more invalid settings; the message lists each with its fix."""
+
+
+@dataclass
+class DynamicSamplingConfig:
+    enabled: bool = False
+    max_rounds: int = 3  # generation rounds per step to fill the batch with informative groups
+
+
+@dataclass
+class OverlongConfig:
+    filter: bool = False  # drop truncated responses from the loss
+    buffer_len: int = 0  # soft overlong punishment over the last buffer_len tokens (0: off)
+    penalty_factor: float = 1.0
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "dapo"
+    advantage_estimator: str = "grpo"
+    norm_adv_by_std: bool = True
+    policy_loss: str = "ppo_clip"
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.28
+    clip_ratio_c: Optional[float] = None
+    loss_agg_mode: str = "token_mean"
+    use_kl_loss: bool = False
+    kl_coef: float = 0.0
+    kl_type: str = "low_var_kl"
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    path: Optional[str] = None  # HF checkpoint; None: a random checkpoint of the preset (+ warm start)
+    init_seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = "sort"  # sort (built-in synthetic task) | jsonl | parquet
+    train_path: Optional[str] = None
+    eval_path: Optional[str] = None
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    reward: str = "sort"
+    num_train: int = 4096
+    num_eval: int = 64
+    seed: int = 0
+    max_prompt_length: int = 64
+    apply_chat_template: bool = False
+
+
+@dataclass
+class MtpKnob:
+    enabled: bool = False
+    num_speculative_tokens: int = 1
+    loss_type: str = "soft_ce"
+    loss_weight: float = 1.0
+
+
+@dataclass
+class WarmStartConfig:
+    enabled: bool = True  # supervised stage on the synthetic task (tiny preset), cached in the run dir
+    steps: int = 150
+    batch_size: int = 32
+    lr: float = 3e-3
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 20
+    train_batch_size: int = 16  # prompts per step
+    n_samples_per_prompt: int = 4
+    lr: float = 1e-4
+    lr_warmup_steps: int = 0
+    clip_grad: float = 1.0
+    eval_every: int = 0  # steps; 0: only at the end
+    eval_greedy: bool = True
+    save_every: int = 5
+    keep_last_n: int = 2
+    resume: str = "auto"  # auto | none | a checkpoint directory
+    run_dir: str = "runs/default"
+    seed: int = 1234
+    loggers: list[str] = field(default_factory=lambda: ["console", "jsonl", "wandb"])
+    project_name: str = "skyrl_mtp"
+    experiment_name: str = "default"
+    wandb_mode: str = "offline"  # offline | online | disabled
+    mtp: MtpKnob = field(default_factory=MtpKnob)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+
+
+@dataclass
+class GeneratorConfig:
+    num_engines: int = 1
+    tensor_parallel_size: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_response_length: int = 40
+    eval_temperature: float = 0.0
+    gpu_memory_utilization: float = 0.3
+    max_model_len: int = 256
+    dtype: str = "float32"
+    enforce_eager: bool = True
+    speculative_config: Optional[dict[str, Any]] = None  # explicit vLLM speculative_config wins over trainer.mtp
+    weight_sync_bucket_mb: int = 64
+    num_cpus_per_engine: float = 1.0
+    num_gpus_per_engine: float = 0.0
+
+
+@dataclass
+class MegatronConfig:
+    tp_size: int = 1
+    pp_size: int = 1
+    cp_size: int = 1
+    dp_size: int = 1
+    micro_batch_size: int = 16
+    params_dtype: str = "float32"
+    num_cpus_per_worker: float = 1.0
+    num_gpus_per_worker: float = 0.0
+    threads_per_worker: int = 1
+    mtp_detach_shared_output: bool = True
+    mtp_detach_embedding: bool = True
+    mtp_loss_chunk_size: Optional[int] = None
+    mtp_topk: Optional[int] = None
+    mtp_lr: float = 3e-3
+    mtp_clip_grad: float = 1.0
+    mtp_warmup_steps: int = 0
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: a local Ray; "auto" or host:port for a cluster
+    num_cpus: Optional[int] = None
+    dashboard: bool = False  # when on, bound to 127.0.0.1
+
+
+@dataclass
+class Config:
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+KNOWN_ALGORITHMS = ("grpo", "dapo")
+KNOWN_AGG = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
+KNOWN_DATA = ("sort", "jsonl", "parquet")
+
+
+def validate_config(cfg: Config) -> Config:
+    """Raises ConfigError listing every invalid setting (key = value: why, and the fix)."""
+    errors: list[str] = []
+
+    def bad(key: str, value, why: str) -> None:
+        errors.append(f"{key}={value!r}: {why}")
+
+    a, t, g, m, d = cfg.algorithm, cfg.trainer, cfg.generator, cfg.megatron, cfg.data
+    if a.name not in KNOWN_ALGORITHMS:
+        bad("algorithm.name", a.name, f"unknown algorithm; use one of {list(KNOWN_ALGORITHMS)}")
+    from skyrl_mtp.trainer.algorithms import known_advantage_estimators, known_policy_losses
+
+    if a.advantage_estimator not in known_advantage_estimators():
+        bad("algorithm.advantage_estimator", a.advantage_estimator, f"unknown; use one of {known_advantage_estimators()}")
+    if a.policy_loss not in known_policy_losses():
+        bad("algorithm.policy_loss", a.policy_loss, f"unknown; use one of {known_policy_losses()}")
+    if a.loss_agg_mode not in KNOWN_AGG:
+        bad("algorithm.loss_agg_mode", a.loss_agg_mode, f"use one of {list(KNOWN_AGG)}")
+    if not 0 <= a.clip_eps_low < 1:
+        bad("algorithm.clip_eps_low", a.clip_eps_low, "must be in [0, 1)")
+    if a.clip_eps_high < 0:
+        bad("algorithm.clip_eps_high", a.clip_eps_high, "must be >= 0")
+    if a.clip_ratio_c is not None and a.clip_ratio_c <= 1:
+        bad("algorithm.clip_ratio_c", a.clip_ratio_c, "dual-clip constant must be > 1 (e.g. 3.0) or null")
+    if a.use_kl_loss and a.kl_coef <= 0:
+        bad("algorithm.kl_coef", a.kl_coef, "must be > 0 when algorithm.use_kl_loss=true")
+    if a.dynamic_sampling.enabled and a.dynamic_sampling.max_rounds < 1:
+        bad("algorithm.dynamic_sampling.max_rounds", a.dynamic_sampling.max_rounds, "must be >= 1")
+    if a.overlong.buffer_len < 0 or a.overlong.buffer_len >= g.max_response_length:
+        bad("algorithm.overlong.buffer_len", a.overlong.buffer_len,
+            f"must be in [0, generator.max_response_length={g.max_response_length})")
+
+    if t.total_steps < 1:
+        bad("trainer.total_steps", t.total_steps, "must be >= 1")
+    if t.train_batch_size < 1:
+        bad("trainer.train_batch_size", t.train_batch_size, "must be >= 1")
+    if t.n_samples_per_prompt < 1:
+        bad("trainer.n_samples_per_prompt", t.n_samples_per_prompt, "must be >= 1")
+    elif a.advantage_estimator in ("grpo", "rloo") and t.n_samples_per_prompt < 2:
+        bad("trainer.n_samples_per_prompt", t.n_samples_per_prompt,
+            f"{a.advantage_estimator} normalises within a group of samples: use >= 2")
+    rollouts = t.train_batch_size * t.n_samples_per_prompt
+    if rollouts % m.dp_size:
+        bad("trainer.train_batch_size", t.train_batch_size,
+            f"train_batch_size * n_samples_per_prompt = {rollouts} must be divisible by megatron.dp_size={m.dp_size}")
+    if m.micro_batch_size < 1:
+        bad("megatron.micro_batch_size", m.micro_batch_size, "must be >= 1")
+    if t.resume not in ("auto", "none") and not Path(t.resume).is_dir():
+        bad("trainer.resume", t.resume, "use auto, none, or an existing checkpoint directory")
+    if t.keep_last_n < 1:
+        bad("trainer.keep_last_n", t.keep_last_n, "must be >= 1 (the latest checkpoint is always kept)")
+    if t.wandb_mode not in ("offline", "online", "disabled"):
+        bad("trainer.wandb_mode", t.wandb_mode, "use offline, online or disabled")
+    for logger in t.loggers:
+        if logger not in ("console", "jsonl", "wandb"):
+            bad("trainer.loggers", logger, "known loggers: console, jsonl, wandb")
+
+    k = t.mtp
+    if k.enabled:
+        if k.num_speculative_tokens < 1:
+            bad("trainer.mtp.num_speculative_tokens", k.num_speculative_tokens, "must be >= 1 with MTP on")
+        if k.loss_type not in LOSS_TYPES:
+            bad("trainer.mtp.loss_type", k.loss_type, f"unknown draft loss; use one of {list(LOSS_TYPES)}")
+        if k.loss_type == "topk_soft_ce" and (m.mtp_topk is None or m.mtp_topk < 1):
+            bad("megatron.mtp_topk", m.mtp_topk, "must be >= 1 for trainer.mtp.loss_type=topk_soft_ce")
+        if k.loss_weight <= 0:
+            bad("trainer.mtp.loss_weight", k.loss_weight, "must be > 0")
+        if m.pp_size > 1:
+            bad("megatron.pp_size", m.pp_size, "MTP with pipeline parallel is not implemented; use pp_size=1")
+    if m.cp_size != 1:
+        bad("megatron.cp_size", m.cp_size, "context parallel is not supported; use cp_size=1")
+    if m.pp_size != 1:
+        bad("megatron.pp_size", m.pp_size, "pipeline parallel is not implemented yet; use pp_size=1")
+    if m.tp_size < 1 or m.dp_size < 1:
+        bad("megatron.tp_size/dp_size", (m.tp_size, m.dp_size), "must be >= 1")
+    if m.params_dtype not in ("float32", "bfloat16"):
+        bad("megatron.params_dtype", m.params_dtype, "use float32 or bfloat16")
+
+    if g.num_engines < 1:
+        bad("generator.num_engines", g.num_engines, "must be >= 1")
+    if g.temperature <= 0:
+        bad("generator.temperature", g.temperature, "RL rollouts need temperature > 0 (log-probs are taken at it)")
+    if not 0 < g.top_p <= 1:
+        bad("generator.top_p", g.top_p, "must be in (0, 1]")
+    if g.max_response_length < 1:
+        bad("generator.max_response_length", g.max_response_length, "must be >= 1")
+    if g.max_model_len < d.max_prompt_length + g.max_response_length:
+        bad("generator.max_model_len", g.max_model_len,
+            f"must be >= data.max_prompt_length + generator.max_response_length = {d.max_prompt_length + g.max_response_length}")
+    if g.speculative_config is not None and "method" not in g.speculative_config:
+        bad("generator.speculative_config", g.speculative_config, "needs a 'method' (e.g. mtp)")
+
+    if d.name not in KNOWN_DATA:
+        bad("data.name", d.name, f"use one of {list(KNOWN_DATA)}")
+    elif d.name in ("jsonl", "parquet"):
+        if not d.train_path:
+            bad("data.train_path", d.train_path, f"data.name={d.name} needs a train file")
+        elif not Path(d.train_path).is_file():
+            bad("data.train_path", d.train_path, "file not found")
+        if d.eval_path and not Path(d.eval_path).is_file():
+            bad("data.eval_path", d.eval_path, "file not found")
+    from skyrl_mtp.rewards.registry import known_rewards
+
+    if d.reward not in known_rewards():
+        bad("data.reward", d.reward, f"unknown reward; use one of {known_rewards()}")
+
+    from skyrl_mtp.models.mimo import PRESETS
+
+    if cfg.model.path is None:
+        if cfg.model.preset not in PRESETS:
+            bad("model.preset", cfg.model.preset, f"unknown preset; use one of {sorted(PRESETS)}")
+        elif PRESETS[cfg.model.preset].tokenizer is None:
+            bad("model.path", None, f"preset {cfg.model.preset!r} has no built-in tokenizer: set model.path to its checkpoint")
+        elif k.enabled and PRESETS[cfg.model.preset].num_mtp_layers < 1:
+            bad("trainer.mtp.enabled", True, f"preset {cfg.model.preset!r} has no MTP layers")
+    else:
+        cfg_json = Path(cfg.model.path) / "config.json"
+        if not cfg_json.is_file():
+            bad("model.path", cfg.model.path, "no config.json there: give an HF checkpoint directory")
+        elif k.enabled:
+            import json
+
+            if json.loads(cfg_json.read_text()).get("num_nextn_predict_layers", 0) < 1:
+                bad("trainer.mtp.enabled", True, f"{cfg.model.path} has no MTP layers (num_nextn_predict_layers=0)")
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    return cfg

@@ -1,0 +1,92 @@
+"""Driver-side plumbing for calls into engine actors: the engine handle, the errors that name the
+engine, and ``gather`` which waits for one call per engine and turns Ray failures into those errors.
+
+Every remote call to an engine goes through ``gather`` so that a failure always says which engine
+(index, pid) failed and why, and so that one failing engine never leaves the other engines' calls
+un-awaited.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+
+class RolloutEngineError(RuntimeError):
+    """A call into rollout engine ``engine_index`` failed; ``cause`` is the engine-side exception."""
+
+    def __init__(self, engine_index: int, message: str, cause: BaseException | None = None):
+        super().__init__(message)
+        self.engine_index = engine_index
+        self.cause = cause
+
+
+class EngineDiedError(RolloutEngineError):
+    """The engine's actor process is gone (killed, crashed, out of memory)."""
+
+
+class EngineTimeoutError(RolloutEngineError):
+    """The engine did not answer within the configured timeout."""
+
+
+@dataclass
+class EngineHandle:
+    """One engine actor as the driver sees it. ``index`` is stable for the group's lifetime."""
+
+    index: int
+    actor: Any
+    pid: int | None = None
+    alive: bool = True
+    death_cause: str | None = field(default=None, repr=False)
+
+    def describe(self) -> str:
+        return f"rollout engine {self.index}" + (f" (pid {self.pid})" if self.pid is not None else "")
+
+
+def gather(calls: Sequence[tuple[EngineHandle, Any]], what: str, timeout_s: float | None = None) -> list[Any]:
+    """Waits for every ``(engine, ObjectRef)`` and returns the results in order.
+
+    All calls are awaited even when some fail (so no call is left running unobserved); then the
+    first failure is raised as a ``RolloutEngineError`` naming its engine, with the other failed
+    engines listed in the message. Engines whose actor died are marked ``alive = False``.
+    """
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    results: list[Any] = [None] * len(calls)
+    errors: list[RolloutEngineError] = []
+    for i, (engine, ref) in enumerate(calls):
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            results[i] = ray.get(ref, timeout=remaining)
+        except GetTimeoutError as exc:
+            ray.cancel(ref, force=False)
+            errors.append(EngineTimeoutError(
+                engine.index, f"{engine.describe()} did not finish {what} within {timeout_s} s", exc))
+        except RayActorError as exc:
+            engine.alive = False
+            engine.death_cause = _short(exc)
+            errors.append(EngineDiedError(
+                engine.index, f"{engine.describe()} died during {what}: {engine.death_cause}", exc))
+        except RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            errors.append(RolloutEngineError(
+                engine.index, f"{engine.describe()} failed in {what}: {type(cause).__name__}: {_short(cause)}", cause))
+    if errors:
+        first = errors[0]
+        if len(errors) > 1:
+            others = ", ".join(f"engine {e.engine_index}" for e in errors[1:])
+            first.args = (f"{first.args[0]} (also failed: {others})",)
+        raise first
+    return results
+
+
+def _short(exc: BaseException, limit: int = 600) -> str:
+    """The first line(s) of an exception message, without Ray's remote traceback dump."""
+    text = str(exc).strip()
+    cut = text.find("\nTraceback")  # Ray messages embed the remote traceback after the summary
+    if cut > 0:
+        text = text[:cut].strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
