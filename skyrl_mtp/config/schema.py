@@ -275,7 +275,7 @@ def validate_config(cfg: Config) -> Config:
             bad("data.train_path", d.train_path, "file not found")
         if d.eval_path and not Path(d.eval_path).is_file():
             bad("data.eval_path", d.eval_path, "file not found")
-    from skyrl_mtp.rewards.registry import known_rewards
+    from skyrl_mtp.rewards.registry import list_rewards as known_rewards
 
     if d.reward not in known_rewards():
         bad("data.reward", d.reward, f"unknown reward; use one of {known_rewards()}")

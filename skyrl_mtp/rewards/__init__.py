@@ -5,6 +5,7 @@ from skyrl_mtp.rewards.registry import (
     RewardFn,
     exact_match_reward,
     get_reward,
+    known_rewards,
     list_rewards,
     register_reward,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "exact_match_reward",
     "extract_final_answer",
     "get_reward",
+    "known_rewards",
     "list_rewards",
     "math_reward",
     "register_reward",

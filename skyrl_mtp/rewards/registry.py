@@ -1,7 +1,7 @@
 """The reward registry: names -> reward functions.
 
-This module owns :func:`register_reward`, :func:`get_reward`, :func:`list_rewards` and the
-built-in rewards' registration. A reward function has the signature
+This module owns :func:`register_reward`, :func:`get_reward`, :func:`list_rewards` (alias
+:func:`known_rewards`) and the built-in rewards' registration. A reward function has the signature
 ``fn(response_text: str, answer: str, **extra) -> float``: `response_text` is the decoded
 response without eos, `answer` the example's reference answer, and `extra` the example's other
 fields (functions ignore what they do not use).
@@ -58,7 +58,11 @@ def get_reward(name: str) -> RewardFn:
 
 
 def list_rewards() -> list[str]:
+    """The registered reward names, sorted."""
     return sorted(_REWARDS)
+
+
+known_rewards = list_rewards  # the name the config validator uses
 
 
 def exact_match_reward(response_text: str, answer: str, **extra) -> float:

@@ -3,10 +3,11 @@
 This module owns
 
 * the advantage-estimator registry (:func:`register_advantage_estimator`,
-  :func:`get_advantage_estimator`) with ``grpo`` (group-normalised rewards; ``norm_by_std=False``
+  :func:`get_advantage_estimator`, :func:`known_advantage_estimators`) with ``grpo`` (group-normalised rewards; ``norm_by_std=False``
   gives Dr. GRPO) and ``rloo`` (leave-one-out baseline), plus :func:`compute_advantages` and
   :func:`broadcast_to_tokens`;
-* the policy-loss registry (:func:`register_policy_loss`, :func:`get_policy_loss`) with
+* the policy-loss registry (:func:`register_policy_loss`, :func:`get_policy_loss`,
+  :func:`known_policy_losses`) with
   ``ppo_clip`` (asymmetric DAPO clip-higher, optional dual clip) and :func:`aggregate_loss`'s
   modes ``token_mean`` / ``seq_mean_token_sum`` / ``seq_mean_token_mean``;
 * KL estimators between the policy and a reference (:func:`kl_penalty`, :func:`kl_loss`) and
@@ -69,6 +70,10 @@ def register_advantage_estimator(name: str) -> Callable[[AdvantageEstimator], Ad
         return fn
 
     return decorator
+
+
+def known_advantage_estimators() -> list[str]:
+    return sorted(_ADVANTAGE_ESTIMATORS)
 
 
 def get_advantage_estimator(name: str) -> AdvantageEstimator:
@@ -273,6 +278,10 @@ def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
     return decorator
 
 
+def known_policy_losses() -> list[str]:
+    return sorted(_POLICY_LOSSES)
+
+
 def get_policy_loss(name: str) -> PolicyLossFn:
     try:
         return _POLICY_LOSSES[name]
@@ -299,10 +308,11 @@ def ppo_clip_loss(
         loss = max(-A * ratio, -A * clip(ratio, 1 - low, 1 + high))
         loss = min(loss, -A * c)        if A < 0 and dual clip is on
 
-    Metrics (token means over the mask): ``policy/clip_frac`` (the clipped branch was taken),
-    ``policy/clip_frac_high`` / ``policy/clip_frac_low`` (clipped at the upper bound with A > 0 /
-    at the lower bound with A < 0), ``policy/dual_clip_frac``, ``policy/approx_kl``
-    (``mean(old - new)``), ``policy/ratio_mean``, ``policy/ratio_max`` and ``policy/loss``.
+    Metrics: ``policy/loss`` (the returned loss) and token means over the mask, so a caller can
+    combine micro-batches by weighting each with its token count: ``policy/clip_frac`` (the
+    clipped branch was taken), ``policy/clip_frac_high`` / ``policy/clip_frac_low`` (clipped at
+    the upper bound with A > 0 / at the lower bound with A < 0), ``policy/dual_clip_frac``,
+    ``policy/approx_kl`` (``mean(old - new)``) and ``policy/ratio_mean``.
     """
     if not (logprobs.shape == old_logprobs.shape == advantages.shape == response_mask.shape):
         raise ValueError("logprobs, old_logprobs, advantages and response_mask must share one [B, T] shape, got "
@@ -333,7 +343,6 @@ def ppo_clip_loss(
             "policy/dual_clip_frac": _masked_mean(dual_active.float(), mask),
             "policy/approx_kl": _masked_mean(-log_ratio.detach(), mask),
             "policy/ratio_mean": _masked_mean(ratio_d, mask),
-            "policy/ratio_max": float(ratio_d[mask].max()) if mask.any() else 1.0,
         }
     return loss, metrics
 
@@ -452,3 +461,20 @@ def overlong_filter_mask(finish_reasons: Sequence[str]) -> Tensor:
         return torch.tensor([_FINISH_REASONS[r] for r in finish_reasons], dtype=torch.float32)
     except KeyError as e:
         raise ValueError(f"unknown finish reason {e.args[0]!r}; expected one of {sorted(_FINISH_REASONS)}") from None
+
+
+@register_policy_loss("sft")
+def sft_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    config: PolicyLossConfig = PolicyLossConfig(name="sft"),
+    *,
+    num_tokens: float | Tensor | None = None,
+    num_seqs: float | Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Negative log-likelihood of the response tokens (the supervised warm start runs the same
+    worker with this loss); `old_logprobs` and `advantages` are ignored."""
+    loss = aggregate_loss(-logprobs, response_mask, config.loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs)
+    return loss, {}

