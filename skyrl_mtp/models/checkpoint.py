@@ -95,9 +95,16 @@ def validate_hf_state_dict(cfg: MimoConfig, state: dict[str, torch.Tensor], *, r
             raise ValueError(f"{source}: tensor {name!r} has shape {got}, expected {shape} for this config")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "chat_template.jinja")
+
+
 def save_hf_checkpoint(cfg: MimoConfig, state: dict[str, torch.Tensor], out_dir: str | Path,
-                       torch_dtype: str = "float32") -> Path:
-    """Writes config.json + model.safetensors (+ tokenizer) atomically: a temp dir renamed into place."""
+                       torch_dtype: str = "float32", tokenizer_from: str | Path | None = None) -> Path:
+    """Writes config.json + model.safetensors (+ tokenizer) atomically: a temp dir renamed into place.
+
+    The tokenizer is the built-in one for presets that have it, else copied from `tokenizer_from`.
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -112,6 +119,12 @@ def save_hf_checkpoint(cfg: MimoConfig, state: dict[str, torch.Tensor], out_dir:
         from skyrl_mtp.models.tokenizer import save_tiny_tokenizer
 
         save_tiny_tokenizer(tmp, model_max_length=cfg.max_position_embeddings)
+    elif tokenizer_from is not None:
+        import shutil
+
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_from) / name).is_file():
+                shutil.copy2(Path(tokenizer_from) / name, tmp / name)
     (tmp / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}))
     if out.exists():

@@ -1,0 +1,361 @@
+"""The RL loop: one readable function per phase, run by :class:`RLTrainer`.
+
+Per step: generate (vLLM, drafting with the policy's MTP head) -> rewards -> dynamic sampling ->
+old and reference log-probs (Megatron) -> advantages -> policy + draft update -> weight sync
+(policy and draft head into every engine) -> metrics -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from skyrl_mtp.config.schema import Config, validate_config
+from skyrl_mtp.trainer.batch import build_batch
+from skyrl_mtp.trainer.checkpoint import CheckpointManager, check_compatible
+
+
+def _log(msg: str) -> None:
+    print(f"[skyrl_mtp] {msg}", flush=True)
+
+
+class RLTrainer:
+    def __init__(self, cfg: Config):
+        self.cfg = validate_config(cfg)  # every config error surfaces here, before Ray starts
+        self.run_dir = Path(cfg.trainer.run_dir)
+        self.ckpt = CheckpointManager(self.run_dir, cfg.trainer.keep_last_n)
+        self.policy = self.ref = self.engines = None
+        self.step = 0
+
+    # ------------------------------------------------------------------ set-up
+    def resolve_model(self) -> Path:
+        """The HF checkpoint RL starts from: model.path (local or hub id), or a random checkpoint
+        of the preset, warm-started on the synthetic task."""
+        m, t = self.cfg.model, self.cfg.trainer
+        if m.path:
+            path = Path(m.path)
+            if path.is_dir():
+                return path
+            from huggingface_hub import snapshot_download
+
+            _log(f"downloading {m.path} from the hub")
+            return Path(snapshot_download(m.path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+        from skyrl_mtp.models.checkpoint import random_hf_state_dict, save_hf_checkpoint
+        from skyrl_mtp.models.mimo import get_preset
+
+        init = self.run_dir / "init_model"
+        if not (init / "config.json").is_file():
+            preset = get_preset(m.preset)
+            save_hf_checkpoint(preset, random_hf_state_dict(preset, m.init_seed), init)
+        if not (t.warm_start.enabled and self.cfg.data.name == "sort"):
+            return init
+        from transformers import AutoTokenizer
+
+        from skyrl_mtp.trainer.warm_start import warm_start
+
+        return warm_start(init, self.run_dir / "warm_start", steps=t.warm_start.steps,
+                          batch_size=t.warm_start.batch_size, lr=t.warm_start.lr, seed=m.init_seed,
+                          tokenizer=AutoTokenizer.from_pretrained(str(init)),
+                          num_cpus_per_worker=self.cfg.megatron.num_cpus_per_worker,
+                          threads=self.cfg.megatron.threads_per_worker, log=_log)
+
+    def speculative_tokens(self) -> int | None:
+        g, k = self.cfg.generator, self.cfg.trainer.mtp
+        if g.speculative_config is not None:  # explicit vLLM settings win over trainer.mtp
+            return int(g.speculative_config.get("num_speculative_tokens", 1))
+        return k.num_speculative_tokens if k.enabled else None
+
+    def policy_worker_config(self, model_path: Path):
+        from skyrl_mtp.workers.config import MtpConfig, OptimConfig, PolicyLossConfig, PolicyWorkerConfig
+
+        a, t, mg = self.cfg.algorithm, self.cfg.trainer, self.cfg.megatron
+        return PolicyWorkerConfig(
+            model_path=str(model_path), tp_size=mg.tp_size, pp_size=mg.pp_size, cp_size=mg.cp_size,
+            micro_batch_size=mg.micro_batch_size, params_dtype=mg.params_dtype, seed=t.seed,
+            optim=OptimConfig(lr=t.lr, clip_grad=t.clip_grad, lr_warmup_steps=t.lr_warmup_steps),
+            loss=PolicyLossConfig(policy_loss=a.policy_loss, clip_eps_low=a.clip_eps_low, clip_eps_high=a.clip_eps_high,
+                                  clip_ratio_c=a.clip_ratio_c, loss_agg_mode=a.loss_agg_mode,
+                                  kl_coef=a.kl_coef if a.use_kl_loss else 0.0, kl_type=a.kl_type,
+                                  temperature=self.cfg.generator.temperature),
+            mtp=MtpConfig(enabled=t.mtp.enabled, num_depths=t.mtp.num_speculative_tokens, loss_type=t.mtp.loss_type,
+                          loss_weight=t.mtp.loss_weight, topk=mg.mtp_topk, chunk_size=mg.mtp_loss_chunk_size,
+                          detach_shared_output=mg.mtp_detach_shared_output, detach_embedding=mg.mtp_detach_embedding,
+                          optim=OptimConfig(lr=mg.mtp_lr, clip_grad=mg.mtp_clip_grad,
+                                            lr_warmup_steps=mg.mtp_warmup_steps)))
+
+    def rollout_config(self, model_path: Path):
+        from skyrl_mtp.inference.config import RolloutConfig
+
+        g = self.cfg.generator
+        return RolloutConfig(model_path=str(model_path), num_engines=g.num_engines,
+                             tensor_parallel_size=g.tensor_parallel_size,
+                             num_speculative_tokens=self.speculative_tokens(),
+                             speculative_method=(g.speculative_config or {}).get("method", "mtp"),
+                             max_model_len=g.max_model_len, dtype=g.dtype, seed=self.cfg.trainer.seed,
+                             gpu_memory_utilization=g.gpu_memory_utilization, enforce_eager=g.enforce_eager,
+                             bucket_bytes=g.weight_sync_bucket_mb << 20, num_cpus_per_engine=g.num_cpus_per_engine)
+
+    def build_datasets(self):
+        from skyrl_mtp.data.datasets import PromptDataset, load_examples, synthetic_examples
+
+        d, t = self.cfg.data, self.cfg.trainer
+        if d.name == "sort":
+            train = synthetic_examples(d.seed, d.num_train, "train")
+            evals = synthetic_examples(d.seed + 1, d.num_eval, "eval")
+        else:
+            train = load_examples(d.train_path, prompt_key=d.prompt_key, answer_key=d.answer_key)
+            evals = (load_examples(d.eval_path, prompt_key=d.prompt_key, answer_key=d.answer_key)[: d.num_eval]
+                     if d.eval_path else [])
+        return PromptDataset(train, t.train_batch_size, seed=d.seed), evals
+
+    def encode_prompt(self, prompt) -> list[int]:
+        if isinstance(prompt, list):  # chat messages
+            ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        elif self.cfg.data.apply_chat_template:
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                     add_generation_prompt=True, tokenize=True)
+        else:
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        ids = list(ids)
+        if len(ids) > self.cfg.data.max_prompt_length:
+            ids = ids[-self.cfg.data.max_prompt_length:]  # keep the end: that is where the question is
+        return ids
+
+    def setup(self) -> None:
+        from transformers import AutoTokenizer
+
+        from skyrl_mtp.inference.group import RolloutEngineGroup
+        from skyrl_mtp.rewards.registry import get_reward
+        from skyrl_mtp.workers.actors import WorkerGroup, ray_init_local
+
+        c = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(asdict(c), indent=2, default=str))
+        ray_init_local(num_cpus=c.ray.num_cpus, address=c.ray.address, dashboard=c.ray.dashboard)
+        self.model_path = self.resolve_model()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
+        self.reward_fn = get_reward(c.data.reward)
+        self.train_data, self.eval_examples = self.build_datasets()
+        mg = c.megatron
+        worker_cfg = self.policy_worker_config(self.model_path)
+        _log(f"starting {mg.dp_size * mg.tp_size} policy worker(s) and {c.generator.num_engines} rollout engine(s)")
+        self.policy = WorkerGroup(worker_cfg, dp_size=mg.dp_size, num_cpus_per_worker=mg.num_cpus_per_worker,
+                                  num_gpus_per_worker=mg.num_gpus_per_worker, num_threads=mg.threads_per_worker)
+        if c.algorithm.use_kl_loss:
+            self.ref = WorkerGroup(worker_cfg, dp_size=mg.dp_size, trainable=False, name="ref",
+                                   num_cpus_per_worker=mg.num_cpus_per_worker,
+                                   num_gpus_per_worker=mg.num_gpus_per_worker, num_threads=mg.threads_per_worker)
+        self.engines = RolloutEngineGroup(self.rollout_config(self.model_path))
+
+    def maybe_resume(self) -> None:
+        t = self.cfg.trainer
+        if t.resume == "none":
+            return
+        directory = Path(t.resume) if t.resume != "auto" else self.ckpt.latest()
+        if directory is None:
+            return
+        state = CheckpointManager.read_state(directory)
+        check_compatible(state.get("compat", {}), self.compat(), directory)
+        self.policy.load_checkpoint(str(directory))
+        self.train_data.load_state_dict(state["data"])
+        random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python_rng"]))
+        self.step = state["step"]
+        self.engines.sync_weights(self.policy.export_hf_weights(), version=self.step + 1)
+        _log(f"resumed from {directory} at step {self.step}")
+
+    def compat(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"model": c.model.path or c.model.preset, "mtp": c.trainer.mtp.enabled,
+                "tp_size": c.megatron.tp_size, "dp_size": c.megatron.dp_size}
+
+    # ------------------------------------------------------------------ one step
+    def sampling(self, eval_mode: bool = False):
+        from skyrl_mtp.inference.config import SamplingConfig
+
+        g = self.cfg.generator
+        if eval_mode:
+            temp = 0.0 if self.cfg.trainer.eval_greedy else g.eval_temperature
+            return SamplingConfig(temperature=temp, top_p=1.0, max_tokens=g.max_response_length, n=1,
+                                  stop_token_ids=(self.tokenizer.eos_token_id,), seed=self.cfg.trainer.seed)
+        return SamplingConfig(temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_response_length,
+                              n=self.cfg.trainer.n_samples_per_prompt,
+                              stop_token_ids=(self.tokenizer.eos_token_id,),
+                              seed=self.cfg.trainer.seed + self.step)
+
+    def score(self, examples, samples) -> tuple[list[float], list[dict]]:
+        rows, rewards = [], []
+        a, g = self.cfg.algorithm, self.cfg.generator
+        for group, (example, per_prompt) in enumerate(zip(examples, samples)):
+            for s in per_prompt:
+                text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
+                reward = float(self.reward_fn(text, example["answer"], **example.get("extra", {})))
+                rows.append({"group": group, "sample": s, "task_reward": reward})
+                rewards.append(reward)
+        if a.overlong.buffer_len > 0:
+            from skyrl_mtp.trainer.algorithms import overlong_penalty
+
+            penalty = overlong_penalty([len(r["sample"].token_ids) for r in rows], g.max_response_length,
+                                       a.overlong.buffer_len, a.overlong.penalty_factor)
+            rewards = [r + float(p) for r, p in zip(rewards, penalty)]
+        return rewards, rows
+
+    def collect_rollouts(self) -> tuple[list[dict], list[float], dict[str, float]]:
+        """Generate until the batch holds train_batch_size informative groups (DAPO dynamic
+        sampling) or the rounds run out; without dynamic sampling, one round."""
+        from skyrl_mtp.trainer.dynamic_sampling import DynamicSampler
+
+        ds = self.cfg.algorithm.dynamic_sampling
+        sampler = DynamicSampler(self.cfg.trainer.train_batch_size, ds.max_rounds if ds.enabled else 1)
+        all_task_rewards = []
+        while True:
+            examples = self.train_data.next_batch()
+            prompts = [self.encode_prompt(e["prompt"]) for e in examples]
+            samples = self.engines.generate(prompts, self.sampling())
+            rewards, rows = self.score(examples, samples)
+            for r in rows:
+                r["prompt_ids"] = prompts[r["group"]]
+            all_task_rewards += [r["task_reward"] for r in rows]
+            if not ds.enabled:
+                return rows, rewards, {"reward/mean": sum(all_task_rewards) / len(all_task_rewards)}
+            if sampler.add(rewards, [r["group"] for r in rows], samples=list(zip(rows, rewards))):
+                break
+        result = sampler.result()
+        metrics = dict(result.metrics)
+        metrics["reward/mean"] = sum(all_task_rewards) / len(all_task_rewards)
+        if not result.samples:
+            return [], [], metrics
+        kept_rows = [dict(row, group=int(g)) for (row, _), g in zip(result.samples, result.group_index.tolist())]
+        return kept_rows, [rw for _, rw in result.samples], metrics
+
+    def make_batch(self, rows, rewards) -> dict[str, torch.Tensor]:
+        from skyrl_mtp.trainer.algorithms import AdvantageConfig, compute_advantages, overlong_filter_mask
+
+        a = self.cfg.algorithm
+        dp = self.cfg.megatron.dp_size
+        keep = len(rows) - len(rows) % dp  # the batch must split evenly over data-parallel ranks
+        adv = compute_advantages(torch.tensor(rewards), group_ids=[r["group"] for r in rows],
+                                 config=AdvantageConfig(estimator=a.advantage_estimator,
+                                                        norm_by_std=a.norm_adv_by_std))[:keep]
+        rows = rows[:keep]
+        batch = build_batch([r["prompt_ids"] for r in rows], [r["sample"].token_ids for r in rows],
+                            pad_id=self.tokenizer.pad_token_id or 0)
+        if a.overlong.filter:
+            batch["loss_mask"] *= overlong_filter_mask([r["sample"].finish_reason for r in rows])[:, None]
+        batch["advantages"] = adv[:, None] * batch["loss_mask"]
+        return batch
+
+    def train_step(self) -> dict[str, float]:
+        timings = {}
+        t0 = time.time()
+        self.engines.metrics.start("train")
+        rows, rewards, metrics = self.collect_rollouts()
+        metrics.update(self.engines.metrics.stop("train"))
+        timings["timing/generate_s"] = time.time() - t0
+        if not rows:
+            _log(f"step {self.step + 1}: no informative groups after dynamic sampling; skipping the update")
+            return {**metrics, **timings}
+        lengths = [len(r["sample"].token_ids) for r in rows]
+        metrics.update({"response/length_mean": sum(lengths) / len(lengths),
+                        "response/truncated_frac": sum(r["sample"].finish_reason == "length" for r in rows) / len(rows),
+                        "reward/shaped_mean": sum(rewards) / len(rewards)})
+        batch = self.make_batch(rows, rewards)
+        t1 = time.time()
+        batch["old_logprobs"] = self.policy.compute_logprobs(batch)["logprobs"]
+        if self.ref is not None:
+            batch["ref_logprobs"] = self.ref.compute_logprobs(batch)["logprobs"]
+        timings["timing/logprobs_s"] = time.time() - t1
+        t2 = time.time()
+        metrics.update(self.policy.train_step(batch))
+        timings["timing/train_s"] = time.time() - t2
+        t3 = time.time()
+        self.engines.sync_weights(self.policy.export_hf_weights(), version=self.step + 2)
+        timings["timing/weight_sync_s"] = time.time() - t3
+        return {**metrics, **timings}
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.eval_examples:
+            return {}
+        self.engines.metrics.start("eval")
+        prompts = [self.encode_prompt(e["prompt"]) for e in self.eval_examples]
+        samples = self.engines.generate(prompts, self.sampling(eval_mode=True))
+        metrics = self.engines.metrics.stop("eval")
+        rewards, _ = self.score(self.eval_examples, samples)
+        metrics["eval/reward_mean"] = sum(rewards) / len(rewards)
+        metrics["eval/exact_match"] = sum(r >= 1.0 for r in rewards) / len(rewards)
+        return metrics
+
+    def save(self) -> None:
+        state = {"data": self.train_data.state_dict(), "python_rng": random.getstate(), "compat": self.compat()}
+        path = self.ckpt.save(self.step, lambda d: self.policy.save_checkpoint(str(d)), state)
+        _log(f"checkpoint {path}")
+
+    def export_final(self) -> Path:
+        from skyrl_mtp.models.checkpoint import save_hf_checkpoint
+        from skyrl_mtp.models.mimo import MimoConfig
+
+        out = self.run_dir / "hf_export"
+        cfg = MimoConfig.from_pretrained(self.model_path)
+        weights = self.policy.export_hf_weights()
+        if not self.cfg.trainer.mtp.enabled:  # the head was not trained: ship the one we started from
+            from skyrl_mtp.models.checkpoint import load_hf_state_dict
+
+            weights = {**{k: v for k, v in load_hf_state_dict(self.model_path).items() if ".mtp_layers." in k},
+                       **weights}
+        return save_hf_checkpoint(cfg, weights, out, tokenizer_from=self.model_path)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict[str, float]:
+        from skyrl_mtp.logging.report import plot_run, summarize_run
+        from skyrl_mtp.logging.trackers import ConsoleLogger, JsonlLogger, Tracker, WandbLogger
+
+        t = self.cfg.trainer
+        self.setup()
+        self.maybe_resume()
+        sinks = []
+        if "console" in t.loggers:
+            sinks.append(ConsoleLogger(t.total_steps))
+        if "jsonl" in t.loggers:
+            sinks.append(JsonlLogger(self.run_dir / "metrics.jsonl", resume_step=self.step))
+        if "wandb" in t.loggers and t.wandb_mode != "disabled":
+            sinks.append(WandbLogger(self.run_dir, t.project_name, t.experiment_name, asdict(self.cfg), t.wandb_mode))
+        tracker = Tracker(sinks)
+        last: dict[str, float] = {}
+        try:
+            while self.step < t.total_steps:
+                start = time.time()
+                metrics = self.train_step()
+                self.step += 1
+                if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.total_steps:
+                    metrics.update(self.evaluate())
+                metrics["timing/step_s"] = time.time() - start
+                tracker.log(metrics, self.step)
+                last = metrics
+                if (t.save_every and self.step % t.save_every == 0) or self.step == t.total_steps:
+                    self.save()
+        finally:
+            tracker.close()
+        export = self.export_final()
+        jsonl = self.run_dir / "metrics.jsonl"
+        if jsonl.is_file():
+            plot_run(jsonl, self.run_dir / "metrics.png")
+            print(summarize_run(jsonl, self.run_dir / "summary.md", title=f"{t.experiment_name}"))
+        _log(f"done: {self.step} steps; HF export at {export}; plots and summary in {self.run_dir}")
+        return last
+
+    def shutdown(self) -> None:
+        import ray
+
+        for group in (self.engines, self.policy, self.ref):
+            if group is not None:
+                try:
+                    group.shutdown()
+                except Exception as err:  # best effort: Ray is going down next anyway
+                    _log(f"shutdown: {err}")
+        if ray.is_initialized():
+            ray.shutdown()
