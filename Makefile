@@ -7,9 +7,9 @@ ARGS ?=
 setup:
 	@bash scripts/setup_env.sh
 
-# The main job.
+# The main job: the CPU demo (warm start + DAPO with MTP drafting), examples/train/spec_decode/tiny_cpu_dapo.sh.
 train: setup
-	$(PY) -m skyrl_mtp.main $(ARGS)
+	PYTHON=$(PY) bash examples/train/spec_decode/tiny_cpu_dapo.sh $(ARGS)
 
 # The whole test suite (CI runs exactly this through .ci/run).
 test: setup

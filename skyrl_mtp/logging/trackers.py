@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-HEADLINE = ("reward/mean", "vllm/draft_acceptance_rate", "mtp/loss", "policy/loss", "response/length_mean")
+# (metric, short label) shown on the console progress line.
+HEADLINE = (("reward/mean", "reward"), ("vllm/draft_acceptance_rate", "acceptance"), ("mtp/loss", "mtp_loss"),
+            ("policy/loss", "pg_loss"), ("response/length_mean", "len"), ("eval/reward_mean", "eval_reward"))
 
 
 class ConsoleLogger:
@@ -23,9 +25,9 @@ class ConsoleLogger:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         parts = [f"step {step}/{self.total}"]
-        for key in HEADLINE:
+        for key, label in HEADLINE:
             if key in metrics:
-                parts.append(f"{key.split('/')[-1] if key != 'reward/mean' else 'reward'}={metrics[key]:.3f}")
+                parts.append(f"{label}={metrics[key]:.3f}")
         if "timing/step_s" in metrics:
             parts.append(f"{metrics['timing/step_s']:.1f}s")
         bar_len = 20

@@ -396,10 +396,12 @@ def _scaled(logits: Tensor, chunk: slice, plan: _Plan) -> Tensor:
 
 def _softmax_chunk(logits: Tensor, lse: Tensor, chunk: slice, plan: _Plan) -> Tensor:
     """``softmax(logits / T)`` on this shard's valid columns of a chunk, from the global lse."""
-    return (_scaled(logits, chunk, plan) - lse[:, chunk, None]).exp_()
+    # In place: _scaled always returns a fresh tensor (the division allocates one).
+    return _scaled(logits, chunk, plan).sub_(lse[:, chunk, None]).exp_()
 
 
 def _stat_buffer(student: Tensor, plan: _Plan, *leading: int) -> Tensor:
+    """An uninitialised ``[*leading, B, S]`` buffer for per-position statistics."""
     return torch.empty(*leading, *student.shape[:2], dtype=plan.compute_dtype, device=student.device)
 
 

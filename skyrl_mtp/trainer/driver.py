@@ -285,7 +285,8 @@ class RLTrainer:
         prompts = [self.encode_prompt(e["prompt"]) for e in self.eval_examples]
         samples = self.engines.generate(prompts, self.sampling(eval_mode=True))
         metrics = self.engines.metrics.stop("eval")
-        rewards, _ = self.score(self.eval_examples, samples)
+        _, rows = self.score(self.eval_examples, samples)
+        rewards = [r["task_reward"] for r in rows]  # eval reports the task reward, without shaping
         metrics["eval/reward_mean"] = sum(rewards) / len(rewards)
         metrics["eval/exact_match"] = sum(r >= 1.0 for r in rewards) / len(rewards)
         return metrics

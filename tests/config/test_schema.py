@@ -1,0 +1,129 @@
+"""Config tree: every config composes and validates; bad settings fail before Ray starts, naming the key."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import skyrl_mtp.train as entry
+from skyrl_mtp.config.schema import ConfigError, validate_config
+
+REPO = Path(entry.__file__).resolve().parents[1]
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(entry.CONFIG_DIR), version_base="1.3"):
+        return entry.to_config(compose(config_name="config", overrides=overrides))
+
+
+def group_options() -> list[str]:
+    out = []
+    for group_dir in sorted(p for p in entry.CONFIG_DIR.iterdir() if p.is_dir()):
+        out += [f"{group_dir.name}={f.stem}" for f in sorted(group_dir.glob("*.yaml"))]
+    return out
+
+
+@pytest.mark.parametrize("option", group_options())
+def test_every_config_file_composes(option, tmp_path):
+    overrides = [option]
+    if option.startswith("model=") and option != "model=tiny":
+        overrides.append(f"model.path={tmp_path}")  # composing only; validation is exercised below
+    cfg = compose_cfg(overrides)
+    assert cfg.trainer.mtp is not None
+
+
+def example_overrides() -> dict[str, list[str]]:
+    """The key=value overrides each example script passes to skyrl_mtp.train."""
+    out = {}
+    for script in sorted((REPO / "examples").rglob("*.sh")):
+        text = script.read_text().replace("\\\n", " ")
+        match = re.search(r"-m skyrl_mtp\.train(.*)", text)
+        assert match, f"{script} does not run python -m skyrl_mtp.train"
+        args = [a for a in shlex.split(match.group(1).split("\n")[0]) if "=" in a and not a.startswith("$")]
+        out[script.name] = [a for a in args if "${" not in a and "$@" not in a]
+    return out
+
+
+@pytest.mark.parametrize("script", sorted(example_overrides()))
+def test_every_example_composes(script):
+    cfg = compose_cfg(example_overrides()[script])
+    assert cfg.algorithm.name in ("grpo", "dapo")
+
+
+def test_default_and_demo_configs_validate():
+    validate_config(compose_cfg([]))
+    validate_config(compose_cfg(example_overrides()["tiny_cpu_dapo.sh"]))
+
+
+BAD = [
+    (["algorithm.name=ppo2"], r"algorithm.name='ppo2': unknown algorithm"),
+    (["algorithm.advantage_estimator=gae9"], r"algorithm.advantage_estimator='gae9'"),
+    (["algorithm.policy_loss=nope"], r"algorithm.policy_loss='nope'"),
+    (["algorithm.loss_agg_mode=mean"], r"algorithm.loss_agg_mode='mean'"),
+    (["algorithm.clip_eps_low=1.5"], r"algorithm.clip_eps_low=1.5"),
+    (["algorithm.clip_ratio_c=0.5"], r"algorithm.clip_ratio_c=0.5"),
+    (["algorithm=grpo", "algorithm.kl_coef=0"], r"algorithm.kl_coef=0.0: must be > 0"),
+    (["trainer.n_samples_per_prompt=1"], r"trainer.n_samples_per_prompt=1: grpo normalises within a group"),
+    (["trainer.train_batch_size=3", "trainer.n_samples_per_prompt=3", "megatron.dp_size=2"], r"divisible by megatron.dp_size=2"),
+    (["trainer.total_steps=0"], r"trainer.total_steps=0"),
+    (["trainer.mtp.enabled=true", "trainer.mtp.num_speculative_tokens=0"], r"trainer.mtp.num_speculative_tokens=0"),
+    (["trainer.mtp.enabled=true", "trainer.mtp.loss_type=kl"], r"trainer.mtp.loss_type='kl': unknown draft loss"),
+    (["trainer.mtp.enabled=true", "trainer.mtp.loss_type=topk_soft_ce", "megatron.mtp_topk=0"], r"megatron.mtp_topk=0"),
+    (["megatron.cp_size=2"], r"megatron.cp_size=2: context parallel"),
+    (["megatron.pp_size=2", "trainer.mtp.enabled=true"], r"MTP with pipeline parallel"),
+    (["generator.temperature=0"], r"generator.temperature=0.0"),
+    (["generator.top_p=1.5"], r"generator.top_p=1.5"),
+    (["generator.max_model_len=32"], r"generator.max_model_len=32: must be >= data.max_prompt_length"),
+    (["data.name=csv"], r"data.name='csv'"),
+    (["data=dapo_math", "data.train_path=/nonexistent/train.parquet"], r"data.train_path='/nonexistent/train.parquet': file not found"),
+    (["data.reward=bleu"], r"data.reward='bleu': unknown reward"),
+    (["model.preset=huge"], r"model.preset='huge': unknown preset"),
+    (["trainer.resume=/nonexistent/ckpt"], r"trainer.resume='/nonexistent/ckpt'"),
+    (["trainer.loggers=[console,tensorboard]"], r"trainer.loggers='tensorboard'"),
+    (["algorithm.overlong.buffer_len=100"], r"algorithm.overlong.buffer_len=100"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_configs_fail_clearly(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(compose_cfg(overrides))
+
+
+def test_mtp_on_model_without_mtp_layers(tmp_path):
+    from skyrl_mtp.models.checkpoint import random_hf_state_dict, save_hf_checkpoint
+    from skyrl_mtp.models.mimo import get_preset
+
+    cfg = get_preset("tiny").replace(num_mtp_layers=0)
+    save_hf_checkpoint(cfg, random_hf_state_dict(cfg), tmp_path / "nomtp")
+    with pytest.raises(ConfigError, match=r"has no MTP layers"):
+        validate_config(compose_cfg([f"model.path={tmp_path / 'nomtp'}", "trainer.mtp.enabled=true"]))
+
+
+def test_wrong_dataset_columns_fail_before_ray(tmp_path):
+    import json
+
+    from skyrl_mtp.trainer.driver import RLTrainer
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    trainer = RLTrainer(compose_cfg(["data.name=jsonl", f"data.train_path={data}", "data.reward=math"]))
+    with pytest.raises(ValueError, match=r"prompt.*question"):
+        trainer.build_datasets()
+
+
+def test_misspelt_key_fails_at_composition():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="trainer.totl_steps"):
+        compose_cfg(["trainer.totl_steps=3"])
+
+
+def test_all_errors_reported_together():
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose_cfg(["generator.top_p=2", "trainer.total_steps=0"]))
+    assert "generator.top_p" in str(err.value) and "trainer.total_steps" in str(err.value)

