@@ -40,6 +40,7 @@ def make_prompts(model_dir: str, num_prompts: int, seed: int) -> list[list[int]]
 def bench_one(args: argparse.Namespace, k: int, prompts: list[list[int]]) -> dict:
     from skyrl_mtp.inference.config import RolloutConfig, SamplingConfig
     from skyrl_mtp.inference.group import RolloutEngineGroup
+    from skyrl_mtp.models.checkpoint import load_hf_state_dict
 
     config = RolloutConfig(
         model_path=args.model, num_engines=args.num_engines, num_speculative_tokens=k or None,
@@ -53,6 +54,9 @@ def bench_one(args: argparse.Namespace, k: int, prompts: list[list[int]]) -> dic
     group = RolloutEngineGroup(config)
     startup = time.perf_counter() - start
     try:
+        dtype = group.infos[0].dtype
+        # One full weight sync (target + drafter) of the checkpoint's own tensors, as every RL step does.
+        sync = group.sync_weights(load_hf_state_dict(args.model))
         group.generate(prompts[: max(1, len(prompts) // 8)], sampling)  # warm-up: first-call costs
         walls, tokens = [], []
         group.metrics.start("bench")
@@ -81,6 +85,9 @@ def bench_one(args: argparse.Namespace, k: int, prompts: list[list[int]]) -> dic
         "num_draft_tokens": m[f"{p}num_draft_tokens"],
         "num_accepted_tokens": m[f"{p}num_accepted_tokens"],
         "engine_startup_s": startup,
+        "engine_dtype": dtype,
+        "weight_sync_s": sync.total_s,
+        "weight_sync_bytes": sync.nbytes,
     }
 
 

@@ -10,6 +10,15 @@ import pytest
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Bitwise comparisons on CUDA need deterministic kernels (cuBLAS reads this at handle creation).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def pytest_configure(config):
+    import torch
+
+    if torch.cuda.is_available():
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 @pytest.fixture(scope="session")

@@ -65,6 +65,7 @@ class EngineInfo:
     pid: int
     vllm_version: str
     device: str
+    dtype: str
     max_model_len: int
     vocab_size: int
     num_speculative_tokens: int
@@ -231,6 +232,7 @@ class RolloutEngine:
         model_config = self.llm.llm_engine.model_config
         self.max_model_len = int(model_config.max_model_len)
         self.vocab_size = int(model_config.get_vocab_size())
+        self.dtype = str(model_config.dtype).removeprefix("torch.")
         self.weight_version = 0
         self._weights_consistent = True
         self._sync: _OpenSync | None = None
@@ -254,7 +256,7 @@ class RolloutEngine:
 
     def info(self) -> EngineInfo:
         return EngineInfo(
-            index=self.index, pid=os.getpid(), vllm_version=self.vllm_version, device=self.device,
+            index=self.index, pid=os.getpid(), vllm_version=self.vllm_version, device=self.device, dtype=self.dtype,
             max_model_len=self.max_model_len, vocab_size=self.vocab_size,
             num_speculative_tokens=self.config.num_speculative_tokens or 0,
             logprobs_mode=self.config.logprobs_mode, weight_version=self.weight_version,

@@ -89,7 +89,8 @@ def replay_mtp(mtp_block: torch.nn.Module, embedding: torch.nn.Module, *, hidden
     for depth in range(num_depths):
         zero = sequence_starts(packed_seq_params) if (zero_first_embedding and depth == 0) else None
         layer = layers[min(depth, len(layers) - 1)]
-        hidden, input_ids, position_ids = layer(
+        # megatron-core 0.16 returns (hidden, ids, positions); >= 0.19 adds the rolled padding mask.
+        hidden, input_ids, position_ids, *_ = layer(
             input_ids=input_ids,
             position_ids=position_ids,
             hidden_states=hidden,

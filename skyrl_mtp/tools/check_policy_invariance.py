@@ -34,7 +34,14 @@ def synthetic_batch(step: int, vocab: int, batch: int, seq: int, prompt_len: int
 
 
 def run(args) -> dict:
+    import os
+
     from skyrl_mtp.workers.policy import MegatronPolicy
+
+    if torch.cuda.is_available():
+        # Bitwise comparison needs deterministic kernels (e.g. embedding backward uses atomics).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
     model = args.model
     if model is None:

@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+pytest.importorskip("vllm")
+
 from skyrl_mtp.megatron.bridge import load_module_state, make_bridge, split_trunk_and_mtp
 from skyrl_mtp.megatron.export import export_hf_checkpoint
 from skyrl_mtp.megatron.model_builder import build_mtp_block, build_trunk, causal_mask
@@ -25,8 +27,9 @@ def megatron_greedy(trunk, prompt: list[int], new_tokens: int) -> list[int]:
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(new_tokens):
-            x = torch.tensor([ids])
-            logits = trunk(x, torch.arange(len(ids))[None], causal_mask(len(ids)))
+            dev = next(trunk.parameters()).device
+            x = torch.tensor([ids], device=dev)
+            logits = trunk(x, torch.arange(len(ids), device=dev)[None], causal_mask(len(ids), device=dev))
             ids.append(int(logits[0, -1, : trunk.vocab_size].argmax()))
     return ids[len(prompt):]
 

@@ -20,6 +20,7 @@ from skyrl_mtp.models.mimo import MimoConfig, get_preset
 from skyrl_mtp.mtp.replay import MtpCapture, mtp_logits, replay_mtp
 
 B, S = 3, 14
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # GPU runs: docs/gpu.md
 
 
 # ----------------------------------------------------------------------------- float64 reference
@@ -97,11 +98,13 @@ def _megatron_logits(trunk, head, ids, zero_first=True):
         logits, _ = kw["output_layer"](kw["hidden_states"], weight=kw["output_weight"])
         return logits.transpose(0, 1), mtp_logits(kw["output_layer"], hidden[0], kw["output_weight"]), hidden[0]
 
-    pos = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+    ids = ids.to(DEVICE)
+    pos = torch.arange(ids.shape[1], device=DEVICE)[None].expand(ids.shape[0], -1)
     with torch.no_grad():
-        out = trunk(ids, pos, causal_mask(ids.shape[1]), output_processor=processor, output_processor_context=None)
+        out = trunk(ids, pos, causal_mask(ids.shape[1], device=DEVICE), output_processor=processor,
+                    output_processor_context=None)
     capture.detach_hook()
-    return out
+    return tuple(t.float().cpu() for t in out)
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +156,9 @@ def test_replay_equals_native_mtp_block(tiny):
     captured = {}
     native.mtp.register_forward_hook(lambda _m, _a, out: captured.__setitem__("out", out))
     ids = _ids(cfg, seed=2)
-    pos = torch.arange(S)[None].expand(B, -1)
+    pos = torch.arange(S, device=DEVICE)[None].expand(B, -1)
     with torch.no_grad():
-        native(ids, pos, causal_mask(S), labels=ids)  # 0.16 needs labels to run its MTP path
-    native_hidden = torch.chunk(captured["out"], 2, dim=0)[1]
+        native(ids.to(DEVICE), pos, causal_mask(S, device=DEVICE), labels=ids.to(DEVICE))  # 0.16 needs labels
+    native_hidden = torch.chunk(captured["out"], 2, dim=0)[1].float().cpu()
     _, _, replayed = _megatron_logits(trunk, head, ids, zero_first=False)
     assert (replayed - native_hidden).abs().max().item() <= 1e-6

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import ray
 import torch
 
-from skyrl_mtp.tools.check_policy_invariance import synthetic_batch
-from skyrl_mtp.workers.actors import WorkerGroup, ray_init_local
+ray = pytest.importorskip("ray")
+
+from skyrl_mtp.tools.check_policy_invariance import synthetic_batch  # noqa: E402
+from skyrl_mtp.workers.actors import WorkerGroup, ray_init_local  # noqa: E402
 from skyrl_mtp.workers.config import MtpConfig, OptimConfig, PolicyWorkerConfig
 
 

@@ -12,6 +12,9 @@ import torch.multiprocessing as mp
 from skyrl_mtp.tools.check_policy_invariance import synthetic_batch
 from skyrl_mtp.workers.config import MtpConfig, OptimConfig, PolicyLossConfig, PolicyWorkerConfig
 
+# On GPU each rank needs its own device (NCCL); on CPU both ranks share the cores (gloo).
+pytestmark = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
+                                reason="two ranks need two GPUs")
 STEPS = 3
 BATCH = 8
 
