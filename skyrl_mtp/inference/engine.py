@@ -134,6 +134,19 @@ def sampling_params_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
     return kwargs
 
 
+def engine_env(config: RolloutConfig, device: str) -> dict[str, str]:
+    """Environment of an engine process; must be in place before vLLM is imported there.
+
+    On CUDA two defaults follow STACK.md (vLLM 0.25 on H100): the V1 model runner (the V2
+    runner's MTP CUDA-graph capture failed with MiMo MTP, and the reload path targets V1) and no
+    FlashInfer sampler (it cannot return processed logprobs). ``config.engine_env`` overrides.
+    """
+    env = {"VLLM_USE_V2_MODEL_RUNNER": "0", "VLLM_USE_FLASHINFER_SAMPLER": "0"} if device == "cuda" else {}
+    env.update(config.engine_env)
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine core: collective_rpc passes real tensors
+    return env
+
+
 def llm_kwargs(config: RolloutConfig, device: str) -> dict[str, Any]:
     """``vllm.LLM`` keyword arguments for ``config`` on ``device`` ('cpu' or 'cuda')."""
     kwargs: dict[str, Any] = dict(
@@ -209,9 +222,9 @@ class RolloutEngine:
         start = time.perf_counter()
         self.config = config
         self.index = engine_index
-        # Must precede the first vLLM import in this process (vLLM reads it when the engine starts).
-        os.environ.update(config.engine_env)
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # Must precede the first vLLM import in this process (the group also passes it through the
+        # actor's runtime_env, so it is already there when Ray starts the process).
+        os.environ.update(engine_env(config, config.resolved_device()))
         import vllm
         from vllm import LLM
         from vllm.platforms import current_platform

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from skyrl_mtp.inference.config import RolloutConfig, SamplingConfig
-from skyrl_mtp.inference.engine import EngineGeneration, EngineInfo, RolloutEngine, RolloutSample, validate_prompts
+from skyrl_mtp.inference.engine import (
+    EngineGeneration,
+    EngineInfo,
+    RolloutEngine,
+    RolloutSample,
+    engine_env,
+    validate_prompts,
+)
 from skyrl_mtp.inference.metrics import SpecDecodeCounters, SpecDecodeMetricsTracker
 from skyrl_mtp.inference.remote import EngineDiedError, EngineHandle, RolloutEngineError, gather
 from skyrl_mtp.inference.weight_sync import TRANSPORTS, NamedTensors, WeightSyncStats, WeightTransport
@@ -41,10 +48,19 @@ def shard_bounds(num_items: int, num_shards: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def check_local_checkpoint(model_path: str) -> None:
+    """A path that looks local must be a checkpoint directory (else vLLM would try the Hub, in
+    every engine, after its slow start-up). Model ids such as "org/name" pass through."""
+    path = Path(model_path)
+    looks_local = path.is_absolute() or model_path.startswith(".") or path.exists()
+    if looks_local and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model_path {model_path!r} is not a checkpoint directory (no config.json)")
+
+
 def engine_actor_options(config: RolloutConfig, device: str) -> dict[str, Any]:
     """Ray actor options for one engine: resources and the environment vLLM needs at import."""
     pythonpath = os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p)
-    env = {**config.engine_env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONPATH": pythonpath}
+    env = {**engine_env(config, device), "PYTHONPATH": pythonpath}
     options: dict[str, Any] = {"num_cpus": config.num_cpus_per_engine, "runtime_env": {"env_vars": env},
                                "max_restarts": 0, "max_task_retries": 0}
     if device == "cuda":
@@ -60,6 +76,7 @@ class RolloutEngineGroup:
 
         if not isinstance(config, RolloutConfig):
             raise TypeError(f"expected a RolloutConfig, got {type(config).__name__}")
+        check_local_checkpoint(config.model_path)
         if not ray.is_initialized():
             raise RuntimeError("RolloutEngineGroup needs Ray: call ray.init(...) first")
         if transport is None:

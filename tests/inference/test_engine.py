@@ -63,6 +63,13 @@ def test_rollout_config_validation():
     assert RolloutConfig(model_path="x", tensor_parallel_size=2, device="cuda").tensor_parallel_size == 2
 
 
+def test_missing_checkpoint_is_refused_before_any_engine_starts(tmp_path):
+    from skyrl_mtp.inference.group import RolloutEngineGroup
+
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        RolloutEngineGroup(RolloutConfig(model_path=str(tmp_path / "missing")))
+
+
 def test_shard_bounds_balance_contiguously():
     assert shard_bounds(5, 2) == [(0, 3), (3, 5)]
     assert shard_bounds(2, 3) == [(0, 1), (1, 2), (2, 2)]
