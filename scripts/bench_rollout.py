@@ -33,7 +33,8 @@ def make_prompts(model_dir: str, num_prompts: int, seed: int) -> list[list[int]]
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rng = random.Random(seed)
-    texts = [f"sort {' '.join(str(rng.randint(0, 9)) for _ in range(rng.randint(4, 12)))} :" for _ in range(num_prompts)]
+    digits = [" ".join(str(rng.randint(0, 9)) for _ in range(rng.randint(4, 12))) for _ in range(num_prompts)]
+    texts = [f"sort {d} :" for d in digits]
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--kv-cache-mb", type=int, default=256, help="explicit KV cache size (0: vLLM's default sizing)")
+    parser.add_argument("--kv-cache-mb", type=int, default=256,
+                        help="explicit KV cache size (0: vLLM's default sizing)")
     parser.add_argument("--no-logprobs", action="store_true", help="do not request sampled-token logprobs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ray-num-cpus", type=int, default=None)
@@ -137,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
                      "logprobs": not args.no_logprobs, "dtype": args.dtype,
                      "mean_prompt_tokens": statistics.mean(len(p) for p in prompts)},
         "results": results,
-        "speed_vs_no_drafting": {str(r["k"]): r["tokens_per_s"] / base["tokens_per_s"] for r in results} if base else None,
+        "speed_vs_no_drafting": ({str(r["k"]): r["tokens_per_s"] / base["tokens_per_s"] for r in results}
+                                 if base else None),
     }
     print(json.dumps(report, indent=2))
 

@@ -80,7 +80,8 @@ class RolloutConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"RolloutConfig.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"RolloutConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+            raise ValueError("RolloutConfig.gpu_memory_utilization must be in (0, 1], "
+                             f"got {self.gpu_memory_utilization}")
         if self.kv_cache_memory_bytes is not None:
             _check_int(self, "kv_cache_memory_bytes", minimum=1)
         if self.logprobs_mode not in LOGPROBS_MODES:

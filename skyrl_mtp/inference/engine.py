@@ -210,6 +210,7 @@ def sampled_logprobs(token_ids: Sequence[int], logprobs: Any) -> list[float]:
 class _OpenSync:
     version: int
     num_buckets: int = 0
+    prepared: bool = False
     names: set[str] = field(default_factory=set)
 
 
@@ -312,7 +313,8 @@ class RolloutEngine:
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
         wall = time.perf_counter() - start
         samples = [
-            [self._sample(first_prompt_index + j, c, sampling.logprobs) for c in sorted(out.outputs, key=lambda c: c.index)]
+            [self._sample(first_prompt_index + j, c, sampling.logprobs)
+             for c in sorted(out.outputs, key=lambda c: c.index)]
             for j, out in enumerate(outputs)
         ]
         return EngineGeneration(
@@ -364,16 +366,31 @@ class RolloutEngine:
         sync.names.update(p.name for p in pieces)
         return int(staged)
 
-    def finish_weight_sync(self, version: int) -> dict[str, Any]:
+    def prepare_weight_sync(self, version: int) -> int:
+        """Phase 1 of finishing: checks that the staged set is complete (every checkpoint tensor,
+        every row of split tensors) without touching the model. Returns the staged tensor count."""
         sync = self._open_sync(version)
-        if self._expected_shapes is not None:
-            missing = sorted(set(self._expected_shapes) - sync.names)
-            if missing:
-                self.abort_weight_sync()
-                raise WeightSyncError(
-                    f"{self._name}: weight sync to version {version} is missing {len(missing)} of "
-                    f"{len(self._expected_shapes)} checkpoint tensors (first: {missing[:3]}); "
-                    f"the engine keeps version {self.weight_version}")
+        try:
+            if self._expected_shapes is not None:
+                missing = sorted(set(self._expected_shapes) - sync.names)
+                if missing:
+                    raise WeightSyncError(
+                        f"{self._name}: weight sync to version {version} is missing {len(missing)} of "
+                        f"{len(self._expected_shapes)} checkpoint tensors (first: {missing[:3]}); "
+                        f"the engine keeps version {self.weight_version}")
+            count = self.llm.collective_rpc("skyrl_validate_staged_weights", args=(version,))[0]
+        except BaseException:
+            self.abort_weight_sync()
+            raise
+        sync.prepared = True
+        return int(count)
+
+    def finish_weight_sync(self, version: int) -> dict[str, Any]:
+        """Phase 2: applies the staged weights (target and drafter), resets the prefix cache and
+        switches to ``version``. Requires a successful ``prepare_weight_sync``."""
+        sync = self._open_sync(version)
+        if not sync.prepared:
+            raise WeightSyncError(f"{self._name}: finish_weight_sync({version}) before prepare_weight_sync")
         self._sync = None
         try:
             stats = self.llm.collective_rpc("skyrl_finish_weight_update", args=(version,))[0]
@@ -407,13 +424,15 @@ class RolloutEngine:
             if not isinstance(p, TensorPiece):
                 raise WeightSyncError(f"{self._name}: weight buckets must hold TensorPiece, got {type(p).__name__}")
             if not torch.is_floating_point(p.tensor):
-                raise WeightSyncError(f"{self._name}: tensor {p.name!r} has dtype {p.tensor.dtype}; weights must be floating point")
+                raise WeightSyncError(f"{self._name}: tensor {p.name!r} has dtype {p.tensor.dtype}; "
+                                      "weights must be floating point")
             if self._expected_shapes is None:
                 continue
             expected = self._expected_shapes.get(p.name)
             if expected is None:
                 raise WeightSyncError(f"{self._name}: tensor {p.name!r} is not in the checkpoint "
-                                      f"{self.config.model_path} (HF names expected, e.g. 'model.layers.0.mlp.up_proj.weight')")
+                                      f"{self.config.model_path} (HF names expected, "
+                                      "e.g. 'model.layers.0.mlp.up_proj.weight')")
             if tuple(p.full_shape) != expected:
                 raise WeightSyncError(f"{self._name}: tensor {p.name!r} has shape {tuple(p.full_shape)}, "
                                       f"the checkpoint has {expected}")

@@ -88,6 +88,7 @@ class RolloutEngineGroup:
         self.transport = transport
         self.device = config.resolved_device()
         self._weight_version = 0
+        self._last_attempted_version = 0
         self._infos: dict[int, EngineInfo] = {}
         self.engines: list[EngineHandle] = self._start_engines()
         self.transport.connect(self.engines)
@@ -98,6 +99,7 @@ class RolloutEngineGroup:
     def _start_engines(self) -> list[EngineHandle]:
         import ray
 
+        self._check_cluster_fits()
         actor_cls = ray.remote(RolloutEngine)
         options = engine_actor_options(self.config, self.device)
         engines = [EngineHandle(i, actor_cls.options(**options).remote(self.config, i))
@@ -112,6 +114,19 @@ class RolloutEngineGroup:
             e.pid = info.pid
             self._infos[e.index] = info
         return engines
+
+    def _check_cluster_fits(self) -> None:
+        """Engines the cluster can never place would wait forever: refuse them up front."""
+        import ray
+
+        total = ray.cluster_resources()
+        need = {"CPU": self.config.num_cpus_per_engine * self.config.num_engines}
+        if self.device == "cuda":
+            need["GPU"] = float(self.config.tensor_parallel_size * self.config.num_engines)
+        for resource, amount in need.items():
+            if amount > total.get(resource, 0.0):
+                raise RuntimeError(f"{self.config.num_engines} rollout engines need {amount:g} {resource} in total; "
+                                   f"the Ray cluster has {total.get(resource, 0.0):g}")
 
     def shutdown(self) -> None:
         """Frees every engine and kills the actors. The group is unusable afterwards."""
@@ -218,9 +233,14 @@ class RolloutEngineGroup:
         target model and drafter, resets their prefix caches and sets their weight version to
         ``version`` (default: current + 1). All engines switch, or all stay on the old version."""
         engines = self._require_all_alive("sync weights")
-        version = self._weight_version + 1 if version is None else version
-        if not isinstance(version, int) or isinstance(version, bool) or version <= self._weight_version:
-            raise ValueError(f"weight version must be an int above the current {self._weight_version}, got {version!r}")
+        floor = max(self._weight_version, self._last_attempted_version)
+        version = floor + 1 if version is None else version
+        if not isinstance(version, int) or isinstance(version, bool) or version <= floor:
+            raise ValueError(f"weight version must be an int above {floor} (current {self._weight_version}, "
+                             f"last attempted {self._last_attempted_version}), got {version!r}")
+        # A failed sync may have applied `version` on some engines (only an apply-time failure can
+        # do that): never reuse it, so each engine's version keeps identifying one set of weights.
+        self._last_attempted_version = version
         stats = self.transport.push(engines, named_tensors, version)
         self._weight_version = version
         return stats
@@ -246,4 +266,5 @@ class RolloutEngineGroup:
 
     def __repr__(self) -> str:
         state = ", ".join(f"{e.index}:{'up' if e.alive else 'dead'}" for e in self.engines)
-        return f"RolloutEngineGroup(model={self.config.model_path!r}, engines=[{state}], version={self._weight_version})"
+        return (f"RolloutEngineGroup(model={self.config.model_path!r}, engines=[{state}], "
+                f"version={self._weight_version})")

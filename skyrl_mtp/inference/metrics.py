@@ -108,7 +108,8 @@ def metric_prefix(label: str) -> str:
     return "vllm/" if label == TRAIN_LABEL else f"vllm/{label}/"
 
 
-def spec_decode_metrics(delta: SpecDecodeCounters, generation_seconds: float, prefix: str = "vllm/") -> dict[str, float]:
+def spec_decode_metrics(delta: SpecDecodeCounters, generation_seconds: float,
+                        prefix: str = "vllm/") -> dict[str, float]:
     """The logged metrics of one window. Ratios whose denominator is 0 (no drafting, no time) are
     left out rather than reported as NaN."""
     out: dict[str, float] = {
@@ -129,7 +130,8 @@ def spec_decode_metrics(delta: SpecDecodeCounters, generation_seconds: float, pr
     return out
 
 
-def engine_deltas(after: Mapping[int, SpecDecodeCounters], before: Mapping[int, SpecDecodeCounters]) -> SpecDecodeCounters:
+def engine_deltas(after: Mapping[int, SpecDecodeCounters],
+                  before: Mapping[int, SpecDecodeCounters]) -> SpecDecodeCounters:
     """Sum over engines present in both snapshots of (after - before); an engine that died or was
     added in between contributes nothing (its counters cannot be differenced)."""
     return sum_counters(after[i] - before[i] for i in sorted(after.keys() & before.keys()))
@@ -200,7 +202,8 @@ class SpecDecodeMetricsTracker:
     def _select(self, label: str | None, *, want_running: bool | None, action: str) -> _Window:
         if label is not None:
             if label not in self._windows:
-                raise RuntimeError(f"cannot {action} metrics window {label!r}: it is not open (open: {self.open_labels})")
+                raise RuntimeError(f"cannot {action} metrics window {label!r}: it is not open "
+                                   f"(open: {self.open_labels})")
             w = self._windows[label]
         else:
             candidates = list(self._windows.values())

@@ -8,6 +8,7 @@ un-awaited.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -86,10 +87,13 @@ def gather(calls: Sequence[tuple[EngineHandle, Any]], what: str, timeout_s: floa
     return results
 
 
-def _short(exc: BaseException, limit: int = 600) -> str:
-    """The first line(s) of an exception message, without Ray's remote traceback dump."""
-    text = str(exc).strip()
-    cut = text.find("\nTraceback")  # Ray messages embed the remote traceback after the summary
-    if cut > 0:
-        text = text[:cut].strip()
+def _short(exc: BaseException, limit: int = 800) -> str:
+    """A one-line summary of an exception: Ray's messages embed the remote traceback, whose first
+    line says where it happened and whose last line says what happened (e.g. an actor whose
+    ``__init__`` raised)."""
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # Ray colours the actor name
+    lines = [line.strip() for line in plain.strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = lines[0] if len(lines) == 1 or lines[-1] == lines[0] else f"{lines[0]} ... {lines[-1]}"
     return text if len(text) <= limit else text[: limit - 3] + "..."

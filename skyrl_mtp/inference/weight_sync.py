@@ -10,7 +10,8 @@ Owns:
 - ``WeightSyncWorkerExtension``: mixed into vLLM's worker (``worker_extension_cls``); stages the
   buckets and, at the last one, reloads the weights in place (``reload_target_and_drafter``).
 
-Protocol per sync (one version): ``begin(version)`` -> ``bucket`` x N -> ``finish(version)``.
+Protocol per sync (one version): ``begin(version)`` -> ``bucket`` x N -> ``prepare(version)`` on
+every engine (the staged set is complete and valid) -> ``finish(version)`` (apply).
 Buckets are *accumulated* in the worker and applied at ``finish``: vLLM's layer-wise reload could
 take them incrementally, but it moves every layer to the meta device at its start, so an engine
 whose sync is interrupted (trainer crash, bad tensor) would be left without usable weights.
@@ -279,6 +280,9 @@ class WeightSyncWorkerExtension:
         staged.add(pieces)
         return staged.nbytes
 
+    def skyrl_validate_staged_weights(self, version: int) -> int:
+        return len(self._skyrl_current(version).tensors())
+
     def skyrl_finish_weight_update(self, version: int) -> dict[str, Any]:
         staged = self._skyrl_current(version)
         self._skyrl_staged = None  # a failed apply must not be retried from stale buffers
@@ -320,7 +324,8 @@ class WeightTransport(ABC):
     """Moves HF-named tensors from the trainer process into every engine and applies them.
 
     A transport drives the engine-side protocol ``begin_weight_sync(version, transport)`` ->
-    transport-specific transfer -> ``finish_weight_sync(version)``, and must call
+    transport-specific transfer -> ``prepare_weight_sync(version)`` on every engine ->
+    ``finish_weight_sync(version)``, and must call
     ``abort_weight_sync`` on every engine if anything fails in between, so each engine either
     switches to ``version`` completely or stays on its previous version.
 
@@ -376,6 +381,10 @@ class RayObjectStoreTransport(WeightTransport):
                 stats.num_tensors += sum(1 for p in bucket if p.row_start == 0)
                 stats.nbytes += nbytes
                 stats.max_bucket_bytes = max(stats.max_bucket_bytes, nbytes)
+            # Two phases: every engine confirms a complete staged set before any engine applies it,
+            # so a bad or incomplete set never reaches some engines and not others.
+            gather([(e, e.actor.prepare_weight_sync.remote(version)) for e in engines],
+                   f"prepare_weight_sync(version={version})", self.timeout_s)
             results = gather([(e, e.actor.finish_weight_sync.remote(version)) for e in engines],
                              f"finish_weight_sync(version={version})", self.timeout_s)
         except BaseException:

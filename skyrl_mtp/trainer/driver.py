@@ -25,12 +25,18 @@ def _log(msg: str) -> None:
     print(f"[skyrl_mtp] {msg}", flush=True)
 
 
+def _without_draft_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Drafting off: spec-decode counters are all zero and meaningless; leave them out."""
+    return {k: v for k, v in metrics.items() if "draft" not in k and "accepted" not in k}
+
+
 class RLTrainer:
     def __init__(self, cfg: Config):
         self.cfg = validate_config(cfg)  # every config error surfaces here, before Ray starts
         self.run_dir = Path(cfg.trainer.run_dir)
         self.ckpt = CheckpointManager(self.run_dir, cfg.trainer.keep_last_n)
         self.policy = self.ref = self.engines = None
+        self._frozen_head = None
         self.step = 0
 
     # ------------------------------------------------------------------ set-up
@@ -127,6 +133,20 @@ class RLTrainer:
             ids = ids[-self.cfg.data.max_prompt_length:]  # keep the end: that is where the question is
         return ids
 
+    def local_ray_cpus(self) -> int | None:
+        """Logical CPUs of a local Ray: at least what the configured actors ask for, so a small
+        machine never leaves an actor unschedulable (Ray's CPUs are a scheduling count only)."""
+        import math
+        import os
+
+        c = self.cfg
+        if c.ray.address is not None or c.ray.num_cpus is not None:
+            return c.ray.num_cpus
+        mg, g = c.megatron, c.generator
+        workers = mg.dp_size * mg.tp_size * mg.pp_size * (2 if c.algorithm.use_kl_loss else 1)
+        needed = workers * mg.num_cpus_per_worker + g.num_engines * g.num_cpus_per_engine
+        return max(os.cpu_count() or 1, math.ceil(needed))
+
     def setup(self) -> None:
         from transformers import AutoTokenizer
 
@@ -137,7 +157,7 @@ class RLTrainer:
         c = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(asdict(c), indent=2, default=str))
-        ray_init_local(num_cpus=c.ray.num_cpus, address=c.ray.address, dashboard=c.ray.dashboard)
+        ray_init_local(num_cpus=self.local_ray_cpus(), address=c.ray.address, dashboard=c.ray.dashboard)
         self.model_path = self.resolve_model()
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
         self.reward_fn = get_reward(c.data.reward)
@@ -166,7 +186,7 @@ class RLTrainer:
         self.train_data.load_state_dict(state["data"])
         random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python_rng"]))
         self.step = state["step"]
-        self.engines.sync_weights(self.policy.export_hf_weights(), version=self.step + 1)
+        self.engines.sync_weights(self.policy_weights(), version=self.step + 1)
         _log(f"resumed from {directory} at step {self.step}")
 
     def compat(self) -> dict[str, Any]:
@@ -255,7 +275,8 @@ class RLTrainer:
         t0 = time.time()
         self.engines.metrics.start("train")
         rows, rewards, metrics = self.collect_rollouts()
-        metrics.update(self.engines.metrics.stop("train"))
+        window = self.engines.metrics.stop("train")
+        metrics.update(window if self.speculative_tokens() else _without_draft_metrics(window))
         timings["timing/generate_s"] = time.time() - t0
         if not rows:
             _log(f"step {self.step + 1}: no informative groups after dynamic sampling; skipping the update")
@@ -274,9 +295,21 @@ class RLTrainer:
         metrics.update(self.policy.train_step(batch))
         timings["timing/train_s"] = time.time() - t2
         t3 = time.time()
-        self.engines.sync_weights(self.policy.export_hf_weights(), version=self.step + 2)
+        self.engines.sync_weights(self.policy_weights(), version=self.step + 2)
         timings["timing/weight_sync_s"] = time.time() - t3
         return {**metrics, **timings}
+
+    def policy_weights(self) -> dict[str, torch.Tensor]:
+        """The policy's HF-named tensors for the engines and the export. With MTP off the head is
+        not trained, so the checkpoint's own (frozen) head tensors complete the set."""
+        weights = self.policy.export_hf_weights()
+        if not self.cfg.trainer.mtp.enabled:
+            if self._frozen_head is None:
+                from skyrl_mtp.models.checkpoint import load_hf_state_dict
+
+                self._frozen_head = {k: v for k, v in load_hf_state_dict(self.model_path).items() if ".mtp_layers." in k}
+            weights = {**self._frozen_head, **weights}
+        return weights
 
     def evaluate(self) -> dict[str, float]:
         if not self.eval_examples:
@@ -285,6 +318,8 @@ class RLTrainer:
         prompts = [self.encode_prompt(e["prompt"]) for e in self.eval_examples]
         samples = self.engines.generate(prompts, self.sampling(eval_mode=True))
         metrics = self.engines.metrics.stop("eval")
+        if not self.speculative_tokens():
+            metrics = _without_draft_metrics(metrics)
         _, rows = self.score(self.eval_examples, samples)
         rewards = [r["task_reward"] for r in rows]  # eval reports the task reward, without shaping
         metrics["eval/reward_mean"] = sum(rewards) / len(rewards)
@@ -302,13 +337,7 @@ class RLTrainer:
 
         out = self.run_dir / "hf_export"
         cfg = MimoConfig.from_pretrained(self.model_path)
-        weights = self.policy.export_hf_weights()
-        if not self.cfg.trainer.mtp.enabled:  # the head was not trained: ship the one we started from
-            from skyrl_mtp.models.checkpoint import load_hf_state_dict
-
-            weights = {**{k: v for k, v in load_hf_state_dict(self.model_path).items() if ".mtp_layers." in k},
-                       **weights}
-        return save_hf_checkpoint(cfg, weights, out, tokenizer_from=self.model_path)
+        return save_hf_checkpoint(cfg, self.policy_weights(), out, tokenizer_from=self.model_path)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, float]:

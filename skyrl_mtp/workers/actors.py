@@ -71,7 +71,7 @@ class WorkerGroup:
 
     def __init__(self, cfg: PolicyWorkerConfig, *, dp_size: int = 1, trainable: bool = True,
                  num_cpus_per_worker: float = 1.0, num_gpus_per_worker: float = 0.0,
-                 num_threads: int | None = None, name: str = "policy"):
+                 num_threads: int | None = None, name: str = "policy", startup_timeout_s: float = 900.0):
         world = dp_size * cfg.tp_size * cfg.pp_size
         actor_cls = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker)(_PolicyActor)
         master_addr = _node_ip() if world > 1 else "127.0.0.1"
@@ -82,7 +82,12 @@ class WorkerGroup:
         self.name = name
         self.actors = [actor_cls.options(name=None, runtime_env=env).remote(
             cfg, r, world, master_addr, port, trainable, num_threads) for r in range(world)]
-        self.layouts = ray.get([a.layout.remote() for a in self.actors])
+        try:
+            self.layouts = ray.get([a.layout.remote() for a in self.actors], timeout=startup_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"{name}: {world} worker actor(s) did not start within {startup_timeout_s:.0f}s; "
+                               f"the Ray cluster may lack the resources asked for ({num_cpus_per_worker} CPU, "
+                               f"{num_gpus_per_worker} GPU each): {ray.available_resources()}") from None
         self.dp_size = self.layouts[0]["dp_size"]
 
     def _shards(self, batch: dict[str, torch.Tensor]):
@@ -132,5 +137,6 @@ def ray_init_local(num_cpus: int | None = None, address: str | None = None, dash
         ray.init(address=address)
         return
     os.environ.pop("RAY_ADDRESS", None)
+    # A local cluster lives on loopback only: its GCS, raylet, object store and (optional) dashboard.
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-             log_to_driver=True, configure_logging=False)
+             _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)

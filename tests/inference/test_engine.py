@@ -9,6 +9,7 @@ tiny checkpoint, shared by the module.
   sampler fix in skyrl_mtp.inference.vllm_fixes);
 - stop token ids and stop strings end generation with finish_reason "stop";
 - bad prompts are refused naming the engine, and both engines keep working;
+- an engine that cannot start (no weights) or cannot be placed is named in the error;
 - the metrics window over two engines equals the raw per-engine counter deltas, and a paused window
   excludes both the paused time and the work done meanwhile;
 - killing one engine actor: the group raises naming it, the survivor still generates directly and
@@ -116,6 +117,19 @@ def group(ray_local, model_dir):
     g = RolloutEngineGroup(config)
     yield g
     g.shutdown()
+
+
+def test_engine_failures_at_start_are_named(ray_local, model_dir, tmp_path):
+    from skyrl_mtp.inference.group import RolloutEngineGroup
+    from skyrl_mtp.inference.remote import EngineDiedError
+
+    with pytest.raises(RuntimeError, match="3 rollout engines need 3 CPU in total; the Ray cluster has 2"):
+        RolloutEngineGroup(RolloutConfig(model_path=model_dir, num_engines=3))
+    broken = save_hf_checkpoint(CFG, random_hf_state_dict(CFG, 0), tmp_path / "no_weights")
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(EngineDiedError, match=r"rollout engine 0 died during start-up: .*Cannot find any model weights"):
+        RolloutEngineGroup(RolloutConfig(model_path=str(broken), max_model_len=MAX_MODEL_LEN,
+                                         kv_cache_memory_bytes=64 << 20))
 
 
 def test_engines_start_with_fixes(group):

@@ -1,0 +1,95 @@
+"""Train-step cost of MTP head training: the same batches with MTP on vs off; prints JSON.
+
+    python scripts/bench_train_step.py --hidden 2048 --layers 16 --heads 16 --kv-heads 8 --ffn 5632 \
+        --vocab 151680 --seq 4096 --batch 4 --micro-batch 1 --dtype bfloat16     # ~1B MiMo-shaped, GPU
+    python scripts/bench_train_step.py --hidden 128 --layers 2 --seq 256 --batch 8   # CPU smoke size
+
+Each policy is built from the same random checkpoint; `--warmup` steps are discarded, then the
+median of `--steps` step times is reported. overhead = t(MTP on) / t(MTP off) - 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+
+import torch
+
+
+def main() -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--ffn", type=int, default=5632)
+    p.add_argument("--vocab", type=int, default=151680)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--loss-type", default="soft_ce")
+    p.add_argument("--topk", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--depths", type=int, default=1)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    args = p.parse_args()
+
+    from skyrl_mtp.models.checkpoint import random_hf_state_dict, save_hf_checkpoint
+    from skyrl_mtp.models.mimo import get_preset
+    from skyrl_mtp.tools.check_policy_invariance import synthetic_batch
+    from skyrl_mtp.workers.config import MtpConfig, OptimConfig, PolicyLossConfig, PolicyWorkerConfig
+    from skyrl_mtp.workers.policy import MegatronPolicy
+
+    model = get_preset("tiny").replace(name="bench", vocab_size=args.vocab, hidden_size=args.hidden,
+                                       num_layers=args.layers, num_attention_heads=args.heads,
+                                       num_query_groups=args.kv_heads, ffn_hidden_size=args.ffn,
+                                       max_position_embeddings=max(args.seq, 512), tokenizer=None)
+    path = tempfile.mkdtemp(prefix="bench_train_step_") + "/model"
+    save_hf_checkpoint(model, random_hf_state_dict(model, 0), path)
+    base = PolicyWorkerConfig(model_path=path, micro_batch_size=args.micro_batch, params_dtype=args.dtype,
+                              optim=OptimConfig(lr=1e-5), loss=PolicyLossConfig(), mtp=MtpConfig(enabled=False))
+    mtp = MtpConfig(enabled=True, num_depths=args.depths, loss_type=args.loss_type,
+                    topk=args.topk if args.loss_type == "topk_soft_ce" else None, chunk_size=args.chunk_size)
+    results = {}
+    for name, cfg in (("mtp_off", base), ("mtp_on", replace(base, mtp=mtp))):
+        policy = MegatronPolicy(cfg)
+        times = []
+        for step in range(args.warmup + args.steps):
+            batch = synthetic_batch(step, min(args.vocab, 30000), args.batch, args.seq, args.seq // 4)
+            batch["old_logprobs"] = torch.zeros(args.batch, args.seq)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            policy.train_step(batch)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if step >= args.warmup:
+                times.append(time.perf_counter() - start)
+        results[name] = {"median_s": statistics.median(times), "min_s": min(times)}
+        if torch.cuda.is_available():
+            results[name]["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+        del policy
+    n_params = sum(v.numel() for v in random_hf_state_dict(model.replace(num_mtp_layers=0), 0).values()) \
+        if args.hidden <= 512 else None
+    report = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "shape": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "seq": args.seq,
+                  "batch": args.batch, "micro_batch": args.micro_batch, "dtype": args.dtype},
+        "trunk_params": n_params,
+        "loss_type": args.loss_type, "depths": args.depths,
+        **results,
+        "overhead": results["mtp_on"]["median_s"] / results["mtp_off"]["median_s"] - 1.0,
+    }
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
