@@ -51,6 +51,12 @@ def test_rl_loop_with_mtp(tmp_path):
     export = tmp_path / "run" / "hf_export"
     assert "model.mtp_layers.0.input_proj.weight" in load_hf_state_dict(export)
     AutoModelForCausalLM.from_pretrained(str(export))
+    # ... and in vLLM, drafting with its trained head.
+    gen = subprocess.run([sys.executable, "-m", "skyrl_mtp.tools.generate", "--model", str(export), "--k", "2",
+                          "--prompt", "sort 3920184756 :", "--max-tokens", "12"], capture_output=True, text=True,
+                         timeout=300)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert json.loads(gen.stdout.strip().splitlines()[-1])["spec_decode"]["num_drafts"] > 0
 
 
 @pytest.mark.slow
