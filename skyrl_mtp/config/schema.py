@@ -128,7 +128,9 @@ class GeneratorConfig:
     speculative_config: Optional[dict[str, Any]] = None  # explicit vLLM speculative_config wins over trainer.mtp
     weight_sync_bucket_mb: int = 64
     num_cpus_per_engine: float = 1.0
-    num_gpus_per_engine: float = 0.0
+    # null: tensor_parallel_size whole GPUs per engine; a fraction shares one GPU with the policy
+    # (set megatron.num_gpus_per_worker to the rest and keep gpu_memory_utilization below it).
+    num_gpus_per_engine: Optional[float] = None
 
 
 @dataclass

@@ -56,8 +56,11 @@ class RolloutConfig:
     # along dim 0), so no single Ray call or staging step holds more than one bucket in flight.
     bucket_bytes: int = 256 << 20
     weight_transport: str = "ray"
-    # Ray resources of each engine actor. GPUs per engine = tensor_parallel_size on CUDA.
+    # Ray resources of each engine actor. GPUs per engine on CUDA: tensor_parallel_size unless
+    # num_gpus_per_engine is set; a fraction (< 1, tensor_parallel_size 1) shares a GPU with the
+    # policy (colocation by memory split: gpu_memory_utilization caps vLLM's share).
     num_cpus_per_engine: float = 1.0
+    num_gpus_per_engine: float | None = None
     # One short generation at start-up so first-call compilation (e.g. vLLM's compiled logprob
     # rank kernel) is not charged to the first rollout.
     warmup: bool = True
@@ -88,6 +91,12 @@ class RolloutConfig:
             raise ValueError(f"RolloutConfig.logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
         if self.num_cpus_per_engine < 0:
             raise ValueError(f"RolloutConfig.num_cpus_per_engine must be >= 0, got {self.num_cpus_per_engine}")
+        g = self.num_gpus_per_engine
+        if g is not None and not (0 < g and (g < 1 and self.tensor_parallel_size == 1 or g == self.tensor_parallel_size)):
+            raise ValueError(
+                f"RolloutConfig.num_gpus_per_engine={g} with tensor_parallel_size={self.tensor_parallel_size}: use a "
+                "fraction in (0, 1) to share one GPU with the policy (tensor_parallel_size=1 only), "
+                "or None for tensor_parallel_size whole GPUs")
         if self.resolved_device() == "cpu" and self.tensor_parallel_size != 1:
             raise ValueError(
                 f"RolloutConfig.tensor_parallel_size={self.tensor_parallel_size} is not supported on CPU: "
@@ -105,6 +114,9 @@ class RolloutConfig:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def gpus_per_engine(self) -> float:
+        return float(self.tensor_parallel_size if self.num_gpus_per_engine is None else self.num_gpus_per_engine)
 
     def resolved_enforce_eager(self, device: str) -> bool:
         return (device == "cpu") if self.enforce_eager is None else self.enforce_eager

@@ -64,7 +64,7 @@ def engine_actor_options(config: RolloutConfig, device: str) -> dict[str, Any]:
     options: dict[str, Any] = {"num_cpus": config.num_cpus_per_engine, "runtime_env": {"env_vars": env},
                                "max_restarts": 0, "max_task_retries": 0}
     if device == "cuda":
-        options["num_gpus"] = config.tensor_parallel_size
+        options["num_gpus"] = config.gpus_per_engine()
     return options
 
 
@@ -122,7 +122,7 @@ class RolloutEngineGroup:
         total = ray.cluster_resources()
         need = {"CPU": self.config.num_cpus_per_engine * self.config.num_engines}
         if self.device == "cuda":
-            need["GPU"] = float(self.config.tensor_parallel_size * self.config.num_engines)
+            need["GPU"] = self.config.gpus_per_engine() * self.config.num_engines
         for resource, amount in need.items():
             if amount > total.get(resource, 0.0):
                 raise RuntimeError(f"{self.config.num_engines} rollout engines need {amount:g} {resource} in total; "

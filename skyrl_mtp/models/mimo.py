@@ -148,6 +148,13 @@ PRESETS: dict[str, MimoConfig] = {
         num_query_groups=2, ffn_hidden_size=384, num_mtp_layers=1, max_position_embeddings=512,
         rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, tokenizer="tiny",
     ),
+    # The tiny model scaled to ~0.5B (trunk 0.49B + a 29M MTP layer), same tokenizer and task:
+    # the one-GPU end-to-end run (examples/train/spec_decode/small_gpu_dapo.sh).
+    "small": MimoConfig(
+        name="small", vocab_size=512, hidden_size=1536, num_layers=20, num_attention_heads=12,
+        num_query_groups=2, ffn_hidden_size=4096, num_mtp_layers=1, max_position_embeddings=512,
+        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, tokenizer="tiny",
+    ),
     # MiMo-7B-RL shapes (XiaomiMiMo/MiMo-7B-RL config.json); weights come from a checkpoint.
     "mimo_7b": MimoConfig(
         name="mimo_7b", vocab_size=151680, hidden_size=4096, num_layers=36, num_attention_heads=32,

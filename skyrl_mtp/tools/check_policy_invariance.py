@@ -75,7 +75,18 @@ def run(args) -> dict:
     identical = all(torch.equal(a[k], b[k]) for k in a) and set(a) == set(b)
     return {"identical": identical, "max_abs_diff": max(diffs), "mtp_loss_first": mtp_losses[0],
             "mtp_loss_last": mtp_losses[-1], "steps": args.steps, "loss_type": args.loss_type,
-            "num_policy_tensors": len(a)}
+            "num_policy_tensors": len(a), **runtime_facts()}
+
+
+def runtime_facts() -> dict:
+    """Where the check ran: device, megatron-core version, and which output_processor path was live."""
+    import megatron.core
+
+    from skyrl_mtp.megatron.compat import has_native_output_processor
+
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "megatron_core": megatron.core.__version__,
+            "output_processor": "native" if has_native_output_processor() else "skyrl_mtp subclass"}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -69,6 +69,8 @@ class RLTrainer:
                           batch_size=t.warm_start.batch_size, lr=t.warm_start.lr, seed=m.init_seed,
                           tokenizer=AutoTokenizer.from_pretrained(str(init)),
                           num_cpus_per_worker=self.cfg.megatron.num_cpus_per_worker,
+                          num_gpus_per_worker=self.cfg.megatron.num_gpus_per_worker,
+                          params_dtype=self.cfg.megatron.params_dtype,
                           threads=self.cfg.megatron.threads_per_worker, log=_log)
 
     def speculative_tokens(self) -> int | None:
@@ -105,7 +107,8 @@ class RLTrainer:
                              speculative_method=(g.speculative_config or {}).get("method", "mtp"),
                              max_model_len=g.max_model_len, dtype=g.dtype, seed=self.cfg.trainer.seed,
                              gpu_memory_utilization=g.gpu_memory_utilization, enforce_eager=g.enforce_eager,
-                             bucket_bytes=g.weight_sync_bucket_mb << 20, num_cpus_per_engine=g.num_cpus_per_engine)
+                             bucket_bytes=g.weight_sync_bucket_mb << 20, num_cpus_per_engine=g.num_cpus_per_engine,
+                             num_gpus_per_engine=g.num_gpus_per_engine)
 
     def build_datasets(self):
         from skyrl_mtp.data.datasets import PromptDataset, load_examples, synthetic_examples
@@ -373,7 +376,10 @@ class RLTrainer:
         export = self.export_final()
         jsonl = self.run_dir / "metrics.jsonl"
         if jsonl.is_file():
-            plot_run(jsonl, self.run_dir / "metrics.png")
+            try:
+                plot_run(jsonl, self.run_dir / "metrics.png")
+            except ImportError as e:  # matplotlib is optional (e.g. a bare GPU image): the JSONL has it all
+                _log(f"no plot ({e}); install matplotlib for {self.run_dir / 'metrics.png'}")
             print(summarize_run(jsonl, self.run_dir / "summary.md", title=f"{t.experiment_name}"))
         _log(f"done: {self.step} steps; HF export at {export}; plots and summary in {self.run_dir}")
         return last

@@ -24,7 +24,8 @@ MARKER = "warm_start.json"
 
 
 def warm_start(init_path: str | Path, out_dir: str | Path, *, steps: int, batch_size: int, lr: float, seed: int,
-               tokenizer, num_cpus_per_worker: float = 1.0, threads: int = 1, log=print) -> Path:
+               tokenizer, num_cpus_per_worker: float = 1.0, num_gpus_per_worker: float = 0.0,
+               params_dtype: str = "float32", threads: int = 1, log=print) -> Path:
     """SFT from `init_path` into `out_dir` (an HF checkpoint); reused when already done with the same settings."""
     from skyrl_mtp.data.synthetic import sft_pairs
     from skyrl_mtp.workers.actors import WorkerGroup
@@ -35,12 +36,13 @@ def warm_start(init_path: str | Path, out_dir: str | Path, *, steps: int, batch_
     if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
         log(f"warm start: reusing {out}")
         return out
-    cfg = PolicyWorkerConfig(model_path=str(init_path), micro_batch_size=batch_size, seed=seed,
+    cfg = PolicyWorkerConfig(model_path=str(init_path), micro_batch_size=batch_size, seed=seed, params_dtype=params_dtype,
                              optim=OptimConfig(lr=lr, lr_warmup_steps=min(20, steps // 10),
                                                lr_decay_style="cosine", lr_decay_steps=steps, min_lr=lr / 10),
                              loss=PolicyLossConfig(policy_loss="sft", loss_agg_mode="token_mean"),
                              mtp=MtpConfig(enabled=False))
-    group = WorkerGroup(cfg, dp_size=1, num_cpus_per_worker=num_cpus_per_worker, num_threads=threads, name="warm_start")
+    group = WorkerGroup(cfg, dp_size=1, num_cpus_per_worker=num_cpus_per_worker, num_gpus_per_worker=num_gpus_per_worker,
+                        num_threads=threads, name="warm_start")
     pairs = sft_pairs(seed, steps * batch_size)
     eos = tokenizer.eos_token_id
     start = time.time()
