@@ -89,9 +89,11 @@ def main() -> dict:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--acceptance", default=None, help="per-position acceptance, e.g. 0.88,0.65,0.45")
     p.add_argument("--out", default=None, help="also write the JSON here (rewritten after each k)")
+    p.add_argument("--baseline", default=None, help="take k=0 from this earlier report (--out file)")
+    p.add_argument("--in-process", action="store_true", help="run every k in this process (default: one child per k)")
     args = p.parse_args()
     ks = ints(args.ks)
-    if 0 not in ks:
+    if 0 not in ks and not args.in_process and not args.baseline:
         p.error(f"--ks {args.ks!r} must include 0: every cost is relative to the plain decode step")
     acceptance = [float(x) for x in args.acceptance.split(",")] if args.acceptance else None
     if acceptance is not None and max(ks) > len(acceptance):
@@ -113,13 +115,31 @@ def main() -> dict:
     report = {"date": datetime.date.today().isoformat(), "device": device,
               "vllm": vllm.__version__, "preset": args.preset, "max_tokens": args.max_tokens,
               "prompt_len": args.prompt_len, "repeats": args.repeats, "per_k": {}}
+    if args.baseline:  # k=0 from an earlier report of the same settings (saves one engine start)
+        earlier = json.loads(Path(args.baseline).read_text())
+        report["per_k"][0] = earlier["per_k"]["0"]
+        ks = [k for k in ks if k != 0]
     for k in sorted(ks):
-        report["per_k"][k] = run_k(args, model_dir, k, prompts)
+        if args.in_process:
+            report["per_k"][k] = run_k(args, model_dir, k, prompts)
+        else:
+            # One process per k: an in-process vLLM engine does not hand its GPU memory back on `del`.
+            import subprocess
+
+            part = Path(model_dir, f"k{k}.json")
+            argv = [a for a in sys.argv[1:]]
+            cmd = [sys.executable, __file__, *argv, "--ks", str(k), "--in-process", "--out", str(part)]
+            subprocess.run(cmd, check=True)
+            report["per_k"][k] = json.loads(part.read_text())["per_k"][str(k)]
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1))
         print(json.dumps({"k": k, **report["per_k"][k]}), flush=True)
+    if args.in_process and len(ks) == 1:
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1))
+        return report
     base = report["per_k"][0]["batches"]
-    ratios = {b: {k: report["per_k"][k]["batches"][b]["step_ms"] / base[b]["step_ms"] for k in sorted(ks)}
+    ratios = {b: {k: report["per_k"][k]["batches"][b]["step_ms"] / base[b]["step_ms"] for k in sorted(report["per_k"])}
               for b in base}
     report["step_cost_ratio"] = ratios
     if acceptance is not None:
