@@ -12,6 +12,8 @@ the reference the replay is checked against.
 
 from __future__ import annotations
 
+import importlib.util
+
 import dataclasses
 from dataclasses import dataclass
 
@@ -84,7 +86,9 @@ def transformer_config(cfg: MimoConfig, opts: BuildOptions, *, mtp_layers: int |
         # Fused kernels are CUDA-only; on CPU everything runs unfused.
         bias_activation_fusion=not on_cpu,
         bias_dropout_fusion=not on_cpu,
-        masked_softmax_fusion=not on_cpu,
+        # The fused kernel is a compiled extension (scaled_masked_softmax_cuda) that plain
+        # megatron-core wheels do not ship: use it only where it is importable.
+        masked_softmax_fusion=not on_cpu and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,

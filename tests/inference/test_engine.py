@@ -64,6 +64,20 @@ def test_rollout_config_validation():
     assert RolloutConfig(model_path="x", tensor_parallel_size=2, device="cuda").tensor_parallel_size == 2
 
 
+def test_gpu_share_of_an_engine():
+    from skyrl_mtp.inference.group import engine_actor_options
+
+    # Default: tensor_parallel_size whole GPUs; a fraction shares one GPU with the policy (colocation).
+    assert engine_actor_options(RolloutConfig(model_path="x", tensor_parallel_size=2, device="cuda"), "cuda")["num_gpus"] == 2
+    shared = RolloutConfig(model_path="x", num_gpus_per_engine=0.5, device="cuda")
+    assert engine_actor_options(shared, "cuda")["num_gpus"] == 0.5
+    assert "num_gpus" not in engine_actor_options(shared, "cpu")
+    for bad in (dict(num_gpus_per_engine=0.5, tensor_parallel_size=2), dict(num_gpus_per_engine=0.0),
+                dict(num_gpus_per_engine=1.5)):
+        with pytest.raises(ValueError, match="num_gpus_per_engine"):
+            RolloutConfig(model_path="x", device="cuda", **bad)
+
+
 def test_missing_checkpoint_is_refused_before_any_engine_starts(tmp_path):
     from skyrl_mtp.inference.group import RolloutEngineGroup
 
