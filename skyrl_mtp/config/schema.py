@@ -265,6 +265,16 @@ def validate_config(cfg: Config) -> Config:
     if g.max_model_len < d.max_prompt_length + g.max_response_length:
         bad("generator.max_model_len", g.max_model_len,
             f"must be >= data.max_prompt_length + generator.max_response_length = {d.max_prompt_length + g.max_response_length}")
+    share = g.num_gpus_per_engine
+    if share is not None:
+        if not (0 < share < 1 and g.tensor_parallel_size == 1 or share == g.tensor_parallel_size):
+            bad("generator.num_gpus_per_engine", share,
+                "use a fraction in (0, 1) to share one GPU with the policy (generator.tensor_parallel_size=1), "
+                "or null for tensor_parallel_size whole GPUs")
+        elif share < 1 and 0 < m.num_gpus_per_worker < 1 and share + m.num_gpus_per_worker > 1:
+            bad("generator.num_gpus_per_engine", share,
+                f"with megatron.num_gpus_per_worker={m.num_gpus_per_worker} the two shares of one GPU add up to "
+                f"{share + m.num_gpus_per_worker:g} > 1, so Ray could never place both; e.g. 0.5 and 0.5")
     if g.speculative_config is not None and "method" not in g.speculative_config:
         bad("generator.speculative_config", g.speculative_config, "needs a 'method' (e.g. mtp)")
 

@@ -53,6 +53,18 @@ def _make_optimizer(module, config, optim: OptimConfig, params_dtype):
     return ddp, opt, sched
 
 
+def head_grad_norm(head_opt: Any, returned_norm: float | None) -> float:
+    """The MTP head's gradient norm after its optimizer step.
+
+    megatron-core >= 0.19 tags MTP parameters with ``grad_norm_group='mtp'`` (when
+    ``mtp_detach_heads`` is set) and clips them by their own group norm, which it keeps in
+    ``grad_norms_by_group``; the norm ``step()`` returns is then the norm of the *other*
+    parameters, 0 for an optimizer that holds only the head. Older versions return the head's norm.
+    """
+    group_norm = (getattr(head_opt, "grad_norms_by_group", None) or {}).get("mtp")
+    return float(group_norm if group_norm is not None else (returned_norm or 0.0))
+
+
 class MegatronPolicy:
     """One rank of the policy (or, with trainable=False, of the frozen reference)."""
 
@@ -227,7 +239,8 @@ class MegatronPolicy:
             _, head_norm, _ = self.head_opt.step()
             self.head_sched.step(1)
             metrics.update(self._draft_metrics(draft_sums))
-            metrics.update({"mtp/grad_norm": float(head_norm or 0.0), "mtp/lr": self.head_opt.param_groups[0]["lr"]})
+            metrics.update({"mtp/grad_norm": head_grad_norm(self.head_opt, head_norm),
+                            "mtp/lr": self.head_opt.param_groups[0]["lr"]})
         self.step += 1
         return metrics
 

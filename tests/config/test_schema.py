@@ -57,6 +57,7 @@ def test_every_example_composes(script):
 def test_default_and_demo_configs_validate():
     validate_config(compose_cfg([]))
     validate_config(compose_cfg(example_overrides()["tiny_cpu_dapo.sh"]))
+    validate_config(compose_cfg(example_overrides()["small_gpu_dapo.sh"]))  # the one-GPU colocated run
 
 
 BAD = [
@@ -70,6 +71,8 @@ BAD = [
     (["trainer.n_samples_per_prompt=1"], r"trainer.n_samples_per_prompt=1: grpo normalises within a group"),
     (["trainer.train_batch_size=3", "trainer.n_samples_per_prompt=3", "megatron.dp_size=2"], r"divisible by megatron.dp_size=2"),
     (["trainer.total_steps=0"], r"trainer.total_steps=0"),
+    (["generator.num_gpus_per_engine=0.5", "generator.tensor_parallel_size=2"], r"generator.num_gpus_per_engine=0.5: use a fraction"),
+    (["generator.num_gpus_per_engine=0.7", "megatron.num_gpus_per_worker=0.5"], r"add up to 1.2 > 1"),
     (["trainer.mtp.enabled=true", "trainer.mtp.num_speculative_tokens=0"], r"trainer.mtp.num_speculative_tokens=0"),
     (["trainer.mtp.enabled=true", "trainer.mtp.loss_type=kl"], r"trainer.mtp.loss_type='kl': unknown draft loss"),
     (["trainer.mtp.enabled=true", "trainer.mtp.loss_type=topk_soft_ce", "megatron.mtp_topk=0"], r"megatron.mtp_topk=0"),

@@ -58,6 +58,23 @@ def test_gradient_isolation(megatron_single, tiny_ckpt):
     assert opt_trunk == trunk_ids and opt_head == head_ids
 
 
+def test_reported_grad_norms_match_the_gradients(megatron_single, tiny_ckpt):
+    # Reference: the float64 L2 norm of the accumulated main grads, taken before the step.
+    # (megatron-core 0.19 clips MTP parameters as their own grad-norm group; the head's norm
+    # must still be reported, not the 0 that step() returns for an optimizer without others.)
+    policy = MegatronPolicy(_cfg(tiny_ckpt, num_depths=2))
+    sums, draft_sums = policy.accumulate_gradients(_batch(policy))
+
+    def l2(module):
+        return sum(p.main_grad.double().pow(2).sum() for p in module.parameters()).sqrt().item()
+
+    trunk_norm, head_norm = l2(policy.trunk), l2(policy.head)
+    metrics = policy.apply_gradients(sums, draft_sums)
+    assert head_norm > 0 and trunk_norm > 0
+    assert metrics["mtp/grad_norm"] == pytest.approx(head_norm, rel=1e-4)
+    assert metrics["policy/grad_norm"] == pytest.approx(trunk_norm, rel=1e-4)
+
+
 def test_checkpoint_resume_is_bitwise(megatron_single, tiny_ckpt, tmp_path):
     cfg = _cfg(tiny_ckpt)
     straight = MegatronPolicy(cfg)
