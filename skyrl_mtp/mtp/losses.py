@@ -390,8 +390,12 @@ class _DraftLossFunction(torch.autograd.Function):
 
 
 def _scaled(logits: Tensor, chunk: slice, plan: _Plan) -> Tensor:
-    """The valid (non-padding) columns of a sequence chunk, in the compute dtype, divided by T."""
-    return logits[:, chunk, : plan.shard.num_valid].to(plan.compute_dtype) / plan.temperature
+    """The valid (non-padding) columns of a sequence chunk, in the compute dtype, divided by T.
+    Always a fresh tensor (callers work in place on it)."""
+    valid = logits[:, chunk, : plan.shard.num_valid]
+    if plan.temperature == 1.0:  # the common RL case: one conversion pass instead of convert + divide
+        return valid.to(plan.compute_dtype, copy=True)
+    return valid.to(plan.compute_dtype) / plan.temperature
 
 
 def _softmax_chunk(logits: Tensor, lse: Tensor, chunk: slice, plan: _Plan) -> Tensor:

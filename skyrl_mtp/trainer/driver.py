@@ -298,7 +298,12 @@ class RLTrainer:
         metrics.update(self.policy.train_step(batch))
         timings["timing/train_s"] = time.time() - t2
         t3 = time.time()
-        self.engines.sync_weights(self.policy_weights(), version=self.step + 2)
+        weights = self.policy_weights()
+        timings["timing/weight_export_s"] = time.time() - t3  # Megatron -> HF names, on the host
+        stats = self.engines.sync_weights(weights, version=self.step + 2)
+        applied = [e["apply_s"] for e in stats.per_engine.values() if isinstance(e, dict) and "apply_s" in e]
+        if applied:  # the in-place reload of target + drafter inside the slowest engine
+            timings["timing/weight_apply_s"] = max(applied)
         timings["timing/weight_sync_s"] = time.time() - t3
         return {**metrics, **timings}
 

@@ -40,6 +40,9 @@ def test_rl_loop_with_mtp(tmp_path):
         for key in ("reward/mean", "policy/loss", "mtp/loss", "mtp/grad_norm", "vllm/draft_acceptance_rate",
                     "vllm/draft_acceptance_rate_pos_1", "vllm/num_drafts"):
             assert key in row and row[key] is not None and math.isfinite(row[key]), (key, row.get(key))
+        # The weight-sync time splits into export, transfer and the engines' in-place reload.
+        assert 0 < row["timing/weight_export_s"] < row["timing/weight_sync_s"]
+        assert 0 < row["timing/weight_apply_s"] < row["timing/weight_sync_s"]
     assert "eval/reward_mean" in rows[-1] and "vllm/eval/num_drafts" in rows[-1]
     assert (tmp_path / "run" / "metrics.png").stat().st_size > 10_000
     assert "vllm/draft_acceptance_rate" in (tmp_path / "run" / "summary.md").read_text()
