@@ -126,11 +126,18 @@ def _draft_losses(ctx: ObjectiveContext, policy_logits, hidden_states, output_la
         if weight.item() == 0:  # identical on every TP rank: all ranks skip together
             terms.append((hidden.new_zeros(()), 0.0))
             continue
-        student = mtp_logits(output_layer, hidden, output_weight, detach_output=d.detach_shared_output)
-        student = student[:, : seq - depth]
-        teacher = teacher_all[:, depth:]
-        labels = ctx.targets[:, depth:] if d.loss_type == "hard_ce" else None
-        mean = draft_loss(student, teacher, mask, loss_type=d.loss_type, labels=labels, topk=d.topk,
+        # Only positions that count (response tokens whose target lies `depth` ahead) go through
+        # the vocabulary projection and the loss: prompts and padding would cost a full
+        # [positions, vocab] projection each for nothing. The mask is the same on every TP rank,
+        # so every rank picks the same positions. (Sequence parallel, which would shard the
+        # positions, is refused with MTP in model_builder.)
+        rows, cols = mask.nonzero(as_tuple=True)
+        picked = hidden[: seq - depth].transpose(0, 1)[rows, cols].unsqueeze(1)  # [n, 1, h]
+        student = mtp_logits(output_layer, picked, output_weight, detach_output=d.detach_shared_output)
+        teacher = teacher_all[:, depth:][rows, cols].unsqueeze(0)  # [1, n, V_local]
+        labels = ctx.targets[:, depth:][rows, cols].unsqueeze(0) if d.loss_type == "hard_ce" else None
+        picked_mask = mask.new_ones(1, rows.numel())
+        mean = draft_loss(student, teacher, picked_mask, loss_type=d.loss_type, labels=labels, topk=d.topk,
                           temperature=ctx.temperature, vocab_size=ctx.vocab_size, tp_group=ctx.tp_group,
                           chunk_size=d.chunk_size)
         share = mean * weight / ctx.draft_normalizers[depth - 1]
