@@ -30,6 +30,13 @@ from skyrl_mtp.mtp.replay import MtpCapture, mtp_logits, replay_mtp
 from skyrl_mtp.workers.vocab_parallel import token_logprobs_and_entropy
 
 
+# Gather the counted positions before the draft head's vocabulary projection only when at most
+# this fraction of positions counts. Gathering makes a copy of the teacher rows, so with a
+# fraction f of the b*s positions the logits memory is 3f (student, its gradient, teacher copy)
+# against 2 (student and gradient over all positions): above 2/3 the full path uses less.
+GATHER_MAX_FRACTION = 2 / 3
+
+
 @dataclass
 class DraftObjective:
     """What the processor needs to train the MTP head (None when MTP is off)."""
@@ -126,18 +133,21 @@ def _draft_losses(ctx: ObjectiveContext, policy_logits, hidden_states, output_la
         if weight.item() == 0:  # identical on every TP rank: all ranks skip together
             terms.append((hidden.new_zeros(()), 0.0))
             continue
-        # Only positions that count (response tokens whose target lies `depth` ahead) go through
-        # the vocabulary projection and the loss: prompts and padding would cost a full
-        # [positions, vocab] projection each for nothing. The mask is the same on every TP rank,
-        # so every rank picks the same positions. (Sequence parallel, which would shard the
-        # positions, is refused with MTP in model_builder.)
-        rows, cols = mask.nonzero(as_tuple=True)
-        picked = hidden[: seq - depth].transpose(0, 1)[rows, cols].unsqueeze(1)  # [n, 1, h]
-        student = mtp_logits(output_layer, picked, output_weight, detach_output=d.detach_shared_output)
-        teacher = teacher_all[:, depth:][rows, cols].unsqueeze(0)  # [1, n, V_local]
-        labels = ctx.targets[:, depth:][rows, cols].unsqueeze(0) if d.loss_type == "hard_ce" else None
-        picked_mask = mask.new_ones(1, rows.numel())
-        mean = draft_loss(student, teacher, picked_mask, loss_type=d.loss_type, labels=labels, topk=d.topk,
+        hidden = hidden[: seq - depth]
+        teacher = teacher_all[:, depth:]
+        labels = ctx.targets[:, depth:] if d.loss_type == "hard_ce" else None
+        if weight.item() <= GATHER_MAX_FRACTION * mask.numel():
+            # Only positions that count (response tokens whose target lies `depth` ahead) go
+            # through the vocabulary projection and the loss; prompts and padding would each cost
+            # a vocabulary row for nothing. The mask is the same on every TP rank, so all ranks
+            # pick the same positions (sequence parallel, which shards them, is refused with MTP).
+            rows, cols = mask.nonzero(as_tuple=True)
+            hidden = hidden.transpose(0, 1)[rows, cols].unsqueeze(1)  # [n, 1, h]
+            teacher = teacher[rows, cols].unsqueeze(0)  # [1, n, V_local]: a copy
+            labels = labels[rows, cols].unsqueeze(0) if labels is not None else None
+            mask = mask.new_ones(1, rows.numel())
+        student = mtp_logits(output_layer, hidden, output_weight, detach_output=d.detach_shared_output)
+        mean = draft_loss(student, teacher, mask, loss_type=d.loss_type, labels=labels, topk=d.topk,
                           temperature=ctx.temperature, vocab_size=ctx.vocab_size, tp_group=ctx.tp_group,
                           chunk_size=d.chunk_size)
         share = mean * weight / ctx.draft_normalizers[depth - 1]

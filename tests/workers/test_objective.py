@@ -1,0 +1,35 @@
+"""The RL output processor's draft term: gathering the counted positions changes nothing but cost."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from skyrl_mtp.tools.check_policy_invariance import synthetic_batch
+from skyrl_mtp.workers import objective
+from skyrl_mtp.workers.config import MtpConfig, OptimConfig, PolicyLossConfig, PolicyWorkerConfig
+from skyrl_mtp.workers.policy import MegatronPolicy
+
+
+@pytest.mark.parametrize("loss_type", ["soft_ce", "hard_ce"])
+def test_gathered_positions_equal_the_full_projection(megatron_single, tiny_ckpt, monkeypatch, loss_type):
+    cfg = PolicyWorkerConfig(model_path=str(tiny_ckpt), micro_batch_size=3, optim=OptimConfig(lr=1e-3),
+                             loss=PolicyLossConfig(temperature=0.9),
+                             mtp=MtpConfig(enabled=True, num_depths=2, loss_type=loss_type))
+    batch = synthetic_batch(0, 300, 6, 24, 10)  # about half the positions count
+    assert 0 < batch["loss_mask"].mean() < objective.GATHER_MAX_FRACTION
+    results = {}
+    for name, fraction in (("gathered", objective.GATHER_MAX_FRACTION), ("full", 0.0)):
+        monkeypatch.setattr(objective, "GATHER_MAX_FRACTION", fraction)
+        policy = MegatronPolicy(cfg)
+        batch["old_logprobs"] = policy.compute_logprobs(batch)["logprobs"]
+        _, draft_sums = policy.accumulate_gradients(batch)
+        grads = {n: p.main_grad.clone() for n, p in policy.head.named_parameters()}
+        results[name] = (draft_sums, grads)
+    (draft_g, grads_g), (draft_f, grads_f) = results["gathered"], results["full"]
+    for (sum_g, weight_g), (sum_f, weight_f) in zip(draft_g, draft_f):
+        assert weight_g == weight_f > 0
+        assert sum_g == pytest.approx(sum_f, rel=1e-5)
+    for name in grads_f:
+        assert grads_f[name].abs().sum() > 0, name
+        torch.testing.assert_close(grads_g[name], grads_f[name], rtol=1e-4, atol=1e-7, msg=name)
