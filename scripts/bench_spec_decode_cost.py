@@ -6,11 +6,14 @@
 For each k, one ``vllm.LLM`` starts on the preset's shapes with dummy (random) bf16 weights and the
 model's own MTP layer as drafter (k=0: no drafting). Each batch size runs one warm-up and then
 ``--repeats`` timed generations of ``max_tokens`` new tokens per request (random 64-token prompts,
-``ignore_eos``, greedy). With random weights almost no draft is accepted, so every request takes
-``max_tokens - accepted/batch`` decoding steps; the per-step time is the wall time over that step
-count, and c(k) = t_step(k) / t_step(0) at the same batch size is the cost ratio the speedup model
-(``skyrl_mtp/inference/speedup.py``) divides by. ``--acceptance`` (per-position rates measured by a
-training run) adds the predicted speedup table and the best k per batch size.
+``ignore_eos``, greedy). c(k) = t_run(k) / t_run(0) at the same batch size is the step-cost ratio
+the speedup model (``skyrl_mtp/inference/speedup.py``) divides by, exact when no draft is accepted
+(every run then takes ``max_tokens`` steps). With random weights some requests' greedy outputs
+repeat a token that the random MTP layer then predicts (on an H100 at MiMo-7B shapes: none at
+batch 1, ~30% of tokens at batch >= 8); a batch still takes as many steps as its slowest request,
+so c(k) is kept as the primary ratio and ``step_cost_ratio_if_uniform`` (every request skipping
+the mean number of accepted steps) is reported as the other bound. ``--acceptance`` (per-position
+rates measured by a training run) adds the predicted speedup table and the best k per batch size.
 
 Needs a GPU and vLLM (docs/gpu.md). VLLM_ENABLE_V1_MULTIPROCESSING=0 is set here so the engine runs
 in this process.
@@ -121,7 +124,8 @@ def main() -> dict:
         ks = [k for k in ks if k != 0]
     for k in sorted(ks):
         if args.in_process:
-            report["per_k"][k] = run_k(args, model_dir, k, prompts)
+            # Through JSON like the child reports, so batch keys are strings everywhere.
+            report["per_k"][k] = json.loads(json.dumps(run_k(args, model_dir, k, prompts)))
         else:
             # One process per k: an in-process vLLM engine does not hand its GPU memory back on `del`.
             import subprocess
@@ -134,14 +138,17 @@ def main() -> dict:
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1))
         print(json.dumps({"k": k, **report["per_k"][k]}), flush=True)
-    if args.in_process and len(ks) == 1:
+    if 0 not in report["per_k"] or len(report["per_k"]) < 2:  # e.g. a child run of one k: no ratio
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1))
         return report
     base = report["per_k"][0]["batches"]
-    ratios = {b: {k: report["per_k"][k]["batches"][b]["step_ms"] / base[b]["step_ms"] for k in sorted(report["per_k"])}
+    ks = sorted(report["per_k"])
+    ratios = {int(b): {k: report["per_k"][k]["batches"][b]["median_s"] / base[b]["median_s"] for k in ks}
               for b in base}
     report["step_cost_ratio"] = ratios
+    report["step_cost_ratio_if_uniform"] = {
+        int(b): {k: report["per_k"][k]["batches"][b]["step_ms"] / base[b]["step_ms"] for k in ks} for b in base}
     if acceptance is not None:
         table = speedup_table(acceptance, ratios)
         report["acceptance_per_pos"] = acceptance
