@@ -4,8 +4,10 @@
         --vocab 151680 --seq 4096 --batch 4 --micro-batch 1 --dtype bfloat16     # ~1B MiMo-shaped, GPU
     python scripts/bench_train_step.py --hidden 128 --layers 2 --seq 256 --batch 8   # CPU smoke size
 
-Each policy is built from the same random checkpoint; `--warmup` steps are discarded, then the
-median of `--steps` step times is reported. overhead = t(MTP on) / t(MTP off) - 1.
+Each policy is built from the same random checkpoint, in its own child process (one process's
+CUDA memory is not reliably returned after `del`, and a fresh allocator makes the two peaks
+comparable); `--warmup` steps are discarded, then the median of `--steps` step times is
+reported. overhead = t(MTP on) / t(MTP off) - 1.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -38,44 +42,26 @@ def main() -> dict:
     p.add_argument("--depths", type=int, default=1)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--variant", choices=["mtp_off", "mtp_on"], help=argparse.SUPPRESS)  # child process
+    p.add_argument("--model-path", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return {}
 
     from skyrl_mtp.models.checkpoint import random_hf_state_dict, save_hf_checkpoint
-    from skyrl_mtp.models.mimo import get_preset
-    from skyrl_mtp.tools.check_policy_invariance import synthetic_batch
-    from skyrl_mtp.workers.config import MtpConfig, OptimConfig, PolicyLossConfig, PolicyWorkerConfig
-    from skyrl_mtp.workers.policy import MegatronPolicy
 
-    model = get_preset("tiny").replace(name="bench", vocab_size=args.vocab, hidden_size=args.hidden,
-                                       num_layers=args.layers, num_attention_heads=args.heads,
-                                       num_query_groups=args.kv_heads, ffn_hidden_size=args.ffn,
-                                       max_position_embeddings=max(args.seq, 512), tokenizer=None)
+    model = bench_model(args)
     path = tempfile.mkdtemp(prefix="bench_train_step_") + "/model"
     save_hf_checkpoint(model, random_hf_state_dict(model, 0), path)
-    base = PolicyWorkerConfig(model_path=path, micro_batch_size=args.micro_batch, params_dtype=args.dtype,
-                              optim=OptimConfig(lr=1e-5), loss=PolicyLossConfig(), mtp=MtpConfig(enabled=False))
-    mtp = MtpConfig(enabled=True, num_depths=args.depths, loss_type=args.loss_type,
-                    topk=args.topk if args.loss_type == "topk_soft_ce" else None, chunk_size=args.chunk_size)
     results = {}
-    for name, cfg in (("mtp_off", base), ("mtp_on", replace(base, mtp=mtp))):
-        policy = MegatronPolicy(cfg)
-        times = []
-        for step in range(args.warmup + args.steps):
-            batch = synthetic_batch(step, min(args.vocab, 30000), args.batch, args.seq, args.seq // 4)
-            batch["old_logprobs"] = torch.zeros(args.batch, args.seq)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            policy.train_step(batch)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            if step >= args.warmup:
-                times.append(time.perf_counter() - start)
-        results[name] = {"median_s": statistics.median(times), "min_s": min(times)}
-        if torch.cuda.is_available():
-            results[name]["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            torch.cuda.reset_peak_memory_stats()
-        del policy
+    for name in ("mtp_off", "mtp_on"):
+        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", name, "--model-path", path],
+                              stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"bench_train_step: the {name} run failed (exit {proc.returncode}); see its stderr above")
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
     n_params = sum(v.numel() for v in random_hf_state_dict(model.replace(num_mtp_layers=0), 0).values()) \
         if args.hidden <= 512 else None
     report = {
@@ -89,6 +75,45 @@ def main() -> dict:
     }
     print(json.dumps(report))
     return report
+
+
+def bench_model(args):
+    from skyrl_mtp.models.mimo import get_preset
+
+    return get_preset("tiny").replace(name="bench", vocab_size=args.vocab, hidden_size=args.hidden,
+                                      num_layers=args.layers, num_attention_heads=args.heads,
+                                      num_query_groups=args.kv_heads, ffn_hidden_size=args.ffn,
+                                      max_position_embeddings=max(args.seq, 512), tokenizer=None)
+
+
+def run_variant(args) -> dict:
+    """One policy (MTP off or on) from the checkpoint at --model-path: step times and peak memory."""
+    from skyrl_mtp.tools.check_policy_invariance import synthetic_batch
+    from skyrl_mtp.workers.config import MtpConfig, OptimConfig, PolicyLossConfig, PolicyWorkerConfig
+    from skyrl_mtp.workers.policy import MegatronPolicy
+
+    base = PolicyWorkerConfig(model_path=args.model_path, micro_batch_size=args.micro_batch,
+                              params_dtype=args.dtype, optim=OptimConfig(lr=1e-5), loss=PolicyLossConfig(),
+                              mtp=MtpConfig(enabled=False))
+    mtp = MtpConfig(enabled=True, num_depths=args.depths, loss_type=args.loss_type,
+                    topk=args.topk if args.loss_type == "topk_soft_ce" else None, chunk_size=args.chunk_size)
+    policy = MegatronPolicy(base if args.variant == "mtp_off" else replace(base, mtp=mtp))
+    times = []
+    for step in range(args.warmup + args.steps):
+        batch = synthetic_batch(step, min(args.vocab, 30000), args.batch, args.seq, args.seq // 4)
+        batch["old_logprobs"] = torch.zeros(args.batch, args.seq)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        policy.train_step(batch)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    result = {"median_s": statistics.median(times), "min_s": min(times)}
+    if torch.cuda.is_available():
+        result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
 
 
 if __name__ == "__main__":

@@ -127,6 +127,9 @@ class GeneratorConfig:
     enforce_eager: bool = True
     speculative_config: Optional[dict[str, Any]] = None  # explicit vLLM speculative_config wins over trainer.mtp
     weight_sync_bucket_mb: int = 64
+    # ray: through host memory and Ray's object store (any placement); cuda_ipc: GPU to GPU for
+    # engines on the policy's GPU; auto: cuda_ipc when colocated on one GPU, else ray.
+    weight_transport: str = "auto"
     num_cpus_per_engine: float = 1.0
     # null: tensor_parallel_size whole GPUs per engine; a fraction shares one GPU with the policy
     # (set megatron.num_gpus_per_worker to the rest and keep gpu_memory_utilization below it).
@@ -174,6 +177,25 @@ class Config:
 KNOWN_ALGORITHMS = ("grpo", "dapo")
 KNOWN_AGG = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
 KNOWN_DATA = ("sort", "jsonl", "parquet")
+
+
+WEIGHT_TRANSPORTS = ("auto", "ray", "cuda_ipc")
+
+
+def _colocated(cfg: Config) -> bool:
+    g, m = cfg.generator, cfg.megatron
+    return (g.num_gpus_per_engine is not None and 0 < g.num_gpus_per_engine < 1
+            and 0 < m.num_gpus_per_worker < 1)
+
+
+def resolve_weight_transport(cfg: Config) -> str:
+    """generator.weight_transport with 'auto' resolved: cuda_ipc when one policy rank and one
+    engine share one GPU (the case that is known to place them together), else ray."""
+    g, m = cfg.generator, cfg.megatron
+    if g.weight_transport != "auto":
+        return g.weight_transport
+    single = g.num_engines == 1 and m.dp_size * m.tp_size * m.pp_size == 1
+    return "cuda_ipc" if single and _colocated(cfg) else "ray"
 
 
 def validate_config(cfg: Config) -> Config:
@@ -275,6 +297,12 @@ def validate_config(cfg: Config) -> Config:
             bad("generator.num_gpus_per_engine", share,
                 f"with megatron.num_gpus_per_worker={m.num_gpus_per_worker} the two shares of one GPU add up to "
                 f"{share + m.num_gpus_per_worker:g} > 1, so Ray could never place both; e.g. 0.5 and 0.5")
+    if g.weight_transport not in WEIGHT_TRANSPORTS:
+        bad("generator.weight_transport", g.weight_transport, f"use one of {list(WEIGHT_TRANSPORTS)}")
+    elif g.weight_transport == "cuda_ipc" and not _colocated(cfg):
+        bad("generator.weight_transport", g.weight_transport,
+            "CUDA IPC needs the engines on the policy's GPU: set generator.num_gpus_per_engine and "
+            "megatron.num_gpus_per_worker to fractions of one GPU (e.g. 0.5 and 0.5), or use ray")
     if g.speculative_config is not None and "method" not in g.speculative_config:
         bad("generator.speculative_config", g.speculative_config, "needs a 'method' (e.g. mtp)")
 

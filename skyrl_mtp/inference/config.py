@@ -82,6 +82,10 @@ class RolloutConfig:
             raise ValueError(f"RolloutConfig.num_speculative_tokens must be None or an int >= 0, got {k!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"RolloutConfig.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.weight_transport not in ("ray", "cuda_ipc"):
+            raise ValueError(f"RolloutConfig.weight_transport must be 'ray' or 'cuda_ipc', got {self.weight_transport!r}")
+        if self.weight_transport == "cuda_ipc" and self.device == "cpu":
+            raise ValueError("RolloutConfig.weight_transport='cuda_ipc' needs CUDA engines, device is 'cpu'; use 'ray'")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("RolloutConfig.gpu_memory_utilization must be in (0, 1], "
                              f"got {self.gpu_memory_utilization}")

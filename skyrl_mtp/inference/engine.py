@@ -209,6 +209,7 @@ def sampled_logprobs(token_ids: Sequence[int], logprobs: Any) -> list[float]:
 @dataclass
 class _OpenSync:
     version: int
+    transport: str
     num_buckets: int = 0
     prepared: bool = False
     names: set[str] = field(default_factory=set)
@@ -341,29 +342,51 @@ class RolloutEngine:
     # -- weight sync (engine side of the protocol in weight_sync.py) ----------------------------
 
     def begin_weight_sync(self, version: int, transport: str) -> None:
-        if transport != "ray":
-            raise ValueError(f"{self._name}: weight transport {transport!r} is not implemented by this engine")
+        if transport not in ("ray", "cuda_ipc"):
+            raise ValueError(f"{self._name}: weight transport {transport!r} is not implemented by this engine "
+                             "(ray, cuda_ipc)")
+        if transport == "cuda_ipc" and self.device != "cuda":
+            raise ValueError(f"{self._name}: the cuda_ipc weight transport needs a CUDA engine, this one runs on "
+                             f"{self.device}; use weight_transport=ray")
         if not isinstance(version, int) or version <= self.weight_version:
             raise WeightSyncError(f"{self._name}: weight version must increase; engine has {self.weight_version}, "
                                   f"got {version!r}")
         if self._sync is not None:  # the sender restarted a sync it did not finish: drop the stale one
             self.abort_weight_sync()
         self.llm.collective_rpc("skyrl_begin_weight_update", args=(version,))
-        self._sync = _OpenSync(version)
+        self._sync = _OpenSync(version, transport)
 
     def receive_weight_bucket(self, version: int, bucket_index: int, pieces: list[TensorPiece]) -> int:
+        """A bucket of host tensors (Ray transport)."""
+        for p in pieces:
+            if not isinstance(p, TensorPiece):
+                self.abort_weight_sync()
+                raise WeightSyncError(f"{self._name}: weight buckets must hold TensorPiece, got {type(p).__name__}")
+        return self._stage(version, bucket_index, "ray", [(p.name, p.tensor.dtype, p.full_shape) for p in pieces],
+                           "skyrl_stage_weight_bucket", pieces)
+
+    def receive_ipc_bucket(self, version: int, bucket_index: int, bucket: Any) -> int:
+        """A bucket in the policy's GPU memory (cuda_ipc transport, ``cuda_ipc.IpcBucket``): the
+        worker copies it out before this returns."""
+        return self._stage(version, bucket_index, "cuda_ipc", [(s.name, s.dtype, s.full_shape) for s in bucket.specs],
+                           "skyrl_stage_ipc_bucket", bucket)
+
+    def _stage(self, version: int, bucket_index: int, transport: str,
+               described: list[tuple[str, Any, tuple[int, ...]]], rpc: str, payload: Any) -> int:
         sync = self._open_sync(version)
         try:
+            if sync.transport != transport:
+                raise WeightSyncError(f"{self._name}: a {transport} bucket for a sync begun with {sync.transport}")
             if bucket_index != sync.num_buckets:
                 raise WeightSyncError(f"{self._name}: expected weight bucket {sync.num_buckets} of version "
                                       f"{version}, got bucket {bucket_index}")
-            self._check_pieces(pieces)
-            staged = self.llm.collective_rpc("skyrl_stage_weight_bucket", args=(version, pieces))[0]
+            self._check_pieces(described)
+            staged = self.llm.collective_rpc(rpc, args=(version, payload))[0]
         except BaseException:
             self.abort_weight_sync()
             raise
         sync.num_buckets += 1
-        sync.names.update(p.name for p in pieces)
+        sync.names.update(name for name, _, _ in described)
         return int(staged)
 
     def prepare_weight_sync(self, version: int) -> int:
@@ -417,24 +440,20 @@ class RolloutEngine:
             raise WeightSyncError(f"{self._name}: no weight sync for version {version} is open (open: {open_version})")
         return self._sync
 
-    def _check_pieces(self, pieces: list[TensorPiece]) -> None:
-        import torch
-
-        for p in pieces:
-            if not isinstance(p, TensorPiece):
-                raise WeightSyncError(f"{self._name}: weight buckets must hold TensorPiece, got {type(p).__name__}")
-            if not torch.is_floating_point(p.tensor):
-                raise WeightSyncError(f"{self._name}: tensor {p.name!r} has dtype {p.tensor.dtype}; "
-                                      "weights must be floating point")
+    def _check_pieces(self, described: list[tuple[str, Any, tuple[int, ...]]]) -> None:
+        """Each piece as (name, dtype, full shape): floating point, and a checkpoint tensor's shape."""
+        for name, dtype, full_shape in described:
+            if not dtype.is_floating_point:
+                raise WeightSyncError(f"{self._name}: tensor {name!r} has dtype {dtype}; weights must be floating point")
             if self._expected_shapes is None:
                 continue
-            expected = self._expected_shapes.get(p.name)
+            expected = self._expected_shapes.get(name)
             if expected is None:
-                raise WeightSyncError(f"{self._name}: tensor {p.name!r} is not in the checkpoint "
+                raise WeightSyncError(f"{self._name}: tensor {name!r} is not in the checkpoint "
                                       f"{self.config.model_path} (HF names expected, "
                                       "e.g. 'model.layers.0.mlp.up_proj.weight')")
-            if tuple(p.full_shape) != expected:
-                raise WeightSyncError(f"{self._name}: tensor {p.name!r} has shape {tuple(p.full_shape)}, "
+            if tuple(full_shape) != expected:
+                raise WeightSyncError(f"{self._name}: tensor {name!r} has shape {tuple(full_shape)}, "
                                       f"the checkpoint has {expected}")
 
     def shutdown(self) -> None:

@@ -28,7 +28,7 @@ from skyrl_mtp.inference.engine import (
 )
 from skyrl_mtp.inference.metrics import SpecDecodeCounters, SpecDecodeMetricsTracker
 from skyrl_mtp.inference.remote import EngineDiedError, EngineHandle, RolloutEngineError, gather
-from skyrl_mtp.inference.weight_sync import TRANSPORTS, NamedTensors, WeightSyncStats, WeightTransport
+from skyrl_mtp.inference.weight_sync import NamedTensors, WeightSyncStats, WeightTransport, transport_class
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -80,10 +80,8 @@ class RolloutEngineGroup:
         if not ray.is_initialized():
             raise RuntimeError("RolloutEngineGroup needs Ray: call ray.init(...) first")
         if transport is None:
-            if config.weight_transport not in TRANSPORTS:
-                raise ValueError(f"unknown weight_transport {config.weight_transport!r}; known: {sorted(TRANSPORTS)}")
-            transport = TRANSPORTS[config.weight_transport](bucket_bytes=config.bucket_bytes,
-                                                            timeout_s=config.call_timeout_s)
+            transport = transport_class(config.weight_transport)(bucket_bytes=config.bucket_bytes,
+                                                                 timeout_s=config.call_timeout_s)
         self.config = config
         self.transport = transport
         self.device = config.resolved_device()
@@ -228,10 +226,11 @@ class RolloutEngineGroup:
     def weight_version(self) -> int:
         return self._weight_version
 
-    def sync_weights(self, named_tensors: NamedTensors, version: int | None = None) -> WeightSyncStats:
+    def sync_weights(self, named_tensors: NamedTensors | Any, version: int | None = None) -> WeightSyncStats:
         """Loads HF-named tensors (the checkpoint's names, MTP head included) into every engine's
         target model and drafter, resets their prefix caches and sets their weight version to
-        ``version`` (default: current + 1). All engines switch, or all stay on the old version."""
+        ``version`` (default: current + 1). All engines switch, or all stay on the old version.
+        With the cuda_ipc transport the source is the policy workers (an ``IpcWeightSource``)."""
         engines = self._require_all_alive("sync weights")
         floor = max(self._weight_version, self._last_attempted_version)
         version = floor + 1 if version is None else version

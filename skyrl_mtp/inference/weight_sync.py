@@ -33,7 +33,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -85,12 +85,14 @@ def _to_wire(tensor: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def split_rows(name: str, tensor: torch.Tensor, bucket_bytes: int) -> list[TensorPiece]:
-    """The tensor as one piece, or as row ranges of at most ``bucket_bytes`` each."""
+def split_rows(name: str, tensor: torch.Tensor, bucket_bytes: int,
+               to_wire: Callable[[torch.Tensor], torch.Tensor] = _to_wire) -> list[TensorPiece]:
+    """The tensor as one piece, or as row ranges of at most ``bucket_bytes`` each; ``to_wire``
+    makes each piece's tensor (default: a CPU copy that owns its bytes)."""
     full_shape = tuple(tensor.shape)
     nbytes = tensor.numel() * tensor.element_size()
     if nbytes <= bucket_bytes:
-        return [TensorPiece(name, _to_wire(tensor), 0, full_shape)]
+        return [TensorPiece(name, to_wire(tensor), 0, full_shape)]
     if tensor.dim() == 0:
         raise ValueError(f"weight sync: scalar tensor {name!r} ({nbytes} bytes) exceeds bucket_bytes={bucket_bytes}")
     row_bytes = nbytes // full_shape[0]
@@ -101,22 +103,23 @@ def split_rows(name: str, tensor: torch.Tensor, bucket_bytes: int) -> list[Tenso
     pieces = []
     for start in range(0, full_shape[0], rows_per_piece):
         rows = tensor.detach()[start:start + rows_per_piece]
-        pieces.append(TensorPiece(name, rows.to("cpu").contiguous().clone(), start, full_shape))
+        pieces.append(TensorPiece(name, to_wire(rows), start, full_shape))
     return pieces
 
 
-def iter_buckets(named_tensors: NamedTensors, bucket_bytes: int) -> Iterator[list[TensorPiece]]:
+def iter_buckets(named_tensors: NamedTensors, bucket_bytes: int,
+                 to_wire: Callable[[torch.Tensor], torch.Tensor] = _to_wire) -> Iterator[list[TensorPiece]]:
     """Groups the tensors, in the order given, into buckets of at most ``bucket_bytes``.
 
-    Tensors are moved to CPU one at a time as their bucket fills, so the sender holds at most one
-    bucket of copies.
+    With the default ``to_wire``, tensors are moved to CPU one at a time as their bucket fills, so
+    the sender holds at most one bucket of copies.
     """
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
     bucket: list[TensorPiece] = []
     size = 0
     for name, tensor in named_tensor_items(named_tensors):
-        for piece in split_rows(name, tensor, bucket_bytes):
+        for piece in split_rows(name, tensor, bucket_bytes, to_wire):
             if bucket and size + piece.nbytes > bucket_bytes:
                 yield bucket
                 bucket, size = [], 0
@@ -161,7 +164,7 @@ class StagedWeights:
             raise ValueError(f"weight sync version {self.version}: tensor {p.name!r} sent twice")
         full = self._split.get(p.name)
         if full is None:
-            full = self._split[p.name] = torch.empty(p.full_shape, dtype=p.tensor.dtype)
+            full = self._split[p.name] = torch.empty(p.full_shape, dtype=p.tensor.dtype, device=p.tensor.device)
             self._rows_seen[p.name] = 0
         if tuple(full.shape) != p.full_shape or tuple(p.tensor.shape[1:]) != p.full_shape[1:]:
             raise ValueError(f"weight sync version {self.version}: pieces of {p.name!r} disagree on its shape")
@@ -280,6 +283,13 @@ class WeightSyncWorkerExtension:
         staged.add(pieces)
         return staged.nbytes
 
+    def skyrl_stage_ipc_bucket(self, version: int, bucket: Any) -> int:
+        from skyrl_mtp.inference.cuda_ipc import open_bucket
+
+        staged = self._skyrl_current(version)
+        staged.add(open_bucket(bucket))
+        return staged.nbytes
+
     def skyrl_validate_staged_weights(self, version: int) -> int:
         return len(self._skyrl_current(version).tensors())
 
@@ -318,6 +328,13 @@ class WeightSyncStats:
     max_bucket_bytes: int = 0
     total_s: float = 0.0
     per_engine: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def add_bucket(self, *, num_whole: int, nbytes: int) -> None:
+        """Counts one delivered bucket: tensors that started in it, and its bytes."""
+        self.num_buckets += 1
+        self.num_tensors += num_whole
+        self.nbytes += nbytes
+        self.max_bucket_bytes = max(self.max_bucket_bytes, nbytes)
 
 
 class WeightTransport(ABC):
@@ -376,11 +393,8 @@ class RayObjectStoreTransport(WeightTransport):
                 gather([(e, e.actor.receive_weight_bucket.remote(version, index, ref)) for e in engines],
                        f"weight bucket {index} of version {version}", self.timeout_s)
                 del ref  # let the object store free the bucket
-                nbytes = sum(p.nbytes for p in bucket)
-                stats.num_buckets += 1
-                stats.num_tensors += sum(1 for p in bucket if p.row_start == 0)
-                stats.nbytes += nbytes
-                stats.max_bucket_bytes = max(stats.max_bucket_bytes, nbytes)
+                stats.add_bucket(num_whole=sum(1 for p in bucket if p.row_start == 0),
+                                 nbytes=sum(p.nbytes for p in bucket))
             # Two phases: every engine confirms a complete staged set before any engine applies it,
             # so a bad or incomplete set never reaches some engines and not others.
             gather([(e, e.actor.prepare_weight_sync.remote(version)) for e in engines],
@@ -407,4 +421,11 @@ def abort_everywhere(engines: Sequence[Any]) -> None:
             pass
 
 
-TRANSPORTS: dict[str, type[WeightTransport]] = {RayObjectStoreTransport.name: RayObjectStoreTransport}
+def transport_class(name: str) -> type[WeightTransport]:
+    """The transport called ``name`` ('ray' or 'cuda_ipc')."""
+    from skyrl_mtp.inference.cuda_ipc import CudaIpcTransport
+
+    known = {t.name: t for t in (RayObjectStoreTransport, CudaIpcTransport)}
+    if name not in known:
+        raise ValueError(f"unknown weight transport {name!r}; known: {sorted(known)}")
+    return known[name]

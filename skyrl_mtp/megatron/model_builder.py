@@ -125,6 +125,17 @@ def _gpt_kwargs(cfg: MimoConfig, opts: BuildOptions) -> dict:
     )
 
 
+def build_device() -> torch.device:
+    """Where models are built: the current CUDA device, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _on_build_device(module):
+    # Megatron creates most parameters on the current CUDA device, but without Apex/TE its norm
+    # fallback (torch.nn.RMSNorm) is created on the CPU: a module must be on one device.
+    return module.to(build_device())
+
+
 def build_trunk(cfg: MimoConfig, opts: BuildOptions = BuildOptions(), *, pre_process: bool = True,
                 post_process: bool = True):
     """The policy: a GPTModel without MTP block, with the output_processor keywords."""
@@ -137,7 +148,7 @@ def build_trunk(cfg: MimoConfig, opts: BuildOptions = BuildOptions(), *, pre_pro
                               pre_process=pre_process, post_process=post_process, **_gpt_kwargs(cfg, opts))
     if getattr(model, "mtp_process", False) or model.config.mtp_num_layers:
         raise AssertionError("trunk was built with an MTP block; the native MTP loss could reach the policy")
-    return model
+    return _on_build_device(model)
 
 
 def build_mtp_block(cfg: MimoConfig, opts: BuildOptions = BuildOptions()):
@@ -154,7 +165,7 @@ def build_mtp_block(cfg: MimoConfig, opts: BuildOptions = BuildOptions()):
     use_te = resolve_use_te(opts.use_te)
     config = transformer_config(cfg, opts, mtp_layers=cfg.num_mtp_layers)
     spec = get_gpt_mtp_block_spec(config, layer_spec(use_te), use_transformer_engine=use_te)
-    return MultiTokenPredictionBlock(config=config, spec=spec)
+    return _on_build_device(MultiTokenPredictionBlock(config=config, spec=spec))
 
 
 def build_native_gpt_with_mtp(cfg: MimoConfig, opts: BuildOptions = BuildOptions()):
@@ -166,7 +177,8 @@ def build_native_gpt_with_mtp(cfg: MimoConfig, opts: BuildOptions = BuildOptions
     config = transformer_config(cfg, opts, mtp_layers=cfg.num_mtp_layers)
     spec = layer_spec(use_te)
     mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=use_te)
-    return GPTModel(config=config, transformer_layer_spec=spec, mtp_block_spec=mtp_spec, **_gpt_kwargs(cfg, opts))
+    return _on_build_device(GPTModel(config=config, transformer_layer_spec=spec, mtp_block_spec=mtp_spec,
+                                     **_gpt_kwargs(cfg, opts)))
 
 
 def causal_mask(seq_len: int, device=None) -> torch.Tensor:

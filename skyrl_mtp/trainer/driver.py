@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from skyrl_mtp.config.schema import Config, validate_config
+from skyrl_mtp.config.schema import Config, resolve_weight_transport, validate_config
 from skyrl_mtp.trainer.batch import build_batch
 from skyrl_mtp.trainer.checkpoint import CheckpointManager, check_compatible
 
@@ -108,7 +108,8 @@ class RLTrainer:
                              max_model_len=g.max_model_len, dtype=g.dtype, seed=self.cfg.trainer.seed,
                              gpu_memory_utilization=g.gpu_memory_utilization, enforce_eager=g.enforce_eager,
                              bucket_bytes=g.weight_sync_bucket_mb << 20, num_cpus_per_engine=g.num_cpus_per_engine,
-                             num_gpus_per_engine=g.num_gpus_per_engine)
+                             num_gpus_per_engine=g.num_gpus_per_engine,
+                             weight_transport=resolve_weight_transport(self.cfg))
 
     def build_datasets(self):
         from skyrl_mtp.data.datasets import PromptDataset, load_examples, synthetic_examples
@@ -175,6 +176,7 @@ class RLTrainer:
                                    num_cpus_per_worker=mg.num_cpus_per_worker,
                                    num_gpus_per_worker=mg.num_gpus_per_worker, num_threads=mg.threads_per_worker)
         self.engines = RolloutEngineGroup(self.rollout_config(self.model_path))
+        _log(f"weight sync: {self.engines.transport.name} transport, buckets of {c.generator.weight_sync_bucket_mb} MB")
 
     def maybe_resume(self) -> None:
         t = self.cfg.trainer
@@ -189,7 +191,7 @@ class RLTrainer:
         self.train_data.load_state_dict(state["data"])
         random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python_rng"]))
         self.step = state["step"]
-        self.engines.sync_weights(self.policy_weights(), version=self.step + 1)
+        self.sync_engine_weights(version=self.step + 1)
         _log(f"resumed from {directory} at step {self.step}")
 
     def compat(self) -> dict[str, Any]:
@@ -298,14 +300,32 @@ class RLTrainer:
         metrics.update(self.policy.train_step(batch))
         timings["timing/train_s"] = time.time() - t2
         t3 = time.time()
-        weights = self.policy_weights()
-        timings["timing/weight_export_s"] = time.time() - t3  # Megatron -> HF names, on the host
-        stats = self.engines.sync_weights(weights, version=self.step + 2)
+        stats = self.sync_engine_weights(version=self.step + 2, timings=timings)
         applied = [e["apply_s"] for e in stats.per_engine.values() if isinstance(e, dict) and "apply_s" in e]
         if applied:  # the in-place reload of target + drafter inside the slowest engine
             timings["timing/weight_apply_s"] = max(applied)
         timings["timing/weight_sync_s"] = time.time() - t3
         return {**metrics, **timings}
+
+    def sync_engine_weights(self, version: int, timings: dict[str, float] | None = None):
+        """Policy (+ draft head) -> every engine, as weight ``version``. Ray transport: exported to
+        host memory here, then sent; cuda_ipc: the policy rank packs buckets on its GPU and the
+        engines copy them GPU to GPU (export time is then part of the sync)."""
+        if self.engines.transport.name == "cuda_ipc":
+            if not self.cfg.trainer.mtp.enabled and self._frozen_head is None:
+                self._frozen_head = self.checkpoint_head()
+                self.policy.set_export_extras(self._frozen_head)
+            return self.engines.sync_weights(self.policy, version=version)
+        t = time.time()
+        weights = self.policy_weights()
+        if timings is not None:
+            timings["timing/weight_export_s"] = time.time() - t  # Megatron -> HF names, on the host
+        return self.engines.sync_weights(weights, version=version)
+
+    def checkpoint_head(self) -> dict[str, torch.Tensor]:
+        from skyrl_mtp.models.checkpoint import load_hf_state_dict
+
+        return {k: v for k, v in load_hf_state_dict(self.model_path).items() if ".mtp_layers." in k}
 
     def policy_weights(self) -> dict[str, torch.Tensor]:
         """The policy's HF-named tensors for the engines and the export. With MTP off the head is
@@ -313,9 +333,7 @@ class RLTrainer:
         weights = self.policy.export_hf_weights()
         if not self.cfg.trainer.mtp.enabled:
             if self._frozen_head is None:
-                from skyrl_mtp.models.checkpoint import load_hf_state_dict
-
-                self._frozen_head = {k: v for k, v in load_hf_state_dict(self.model_path).items() if ".mtp_layers." in k}
+                self._frozen_head = self.checkpoint_head()
             weights = {**self._frozen_head, **weights}
         return weights
 

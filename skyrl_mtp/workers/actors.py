@@ -49,6 +49,39 @@ class _PolicyActor:
         self._ensure_thread()
         return self.policy.export_hf_weights()
 
+    # -- GPU weight sync (cuda_ipc transport; the sending side lives on the rank that holds the weights)
+
+    def set_export_extras(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Tensors sent with every GPU weight sync besides the policy's own (the checkpoint's frozen
+        MTP head when MTP is off: the engines' drafter needs a complete set)."""
+        device = self.policy.device
+        self._export_extras = {k: v.to(device) for k, v in tensors.items()}
+
+    def open_ipc_weights(self, version: int, bucket_bytes: int) -> int | None:
+        """Collective over the TP group: exports the weights on the GPU; the holding rank plans the
+        buckets and returns their count (None on other ranks)."""
+        from skyrl_mtp.inference.cuda_ipc import IpcWeightSender
+
+        self._ensure_thread()
+        self._ipc_sender = None
+        hf = self.policy.export_hf_weights(on_device=True)
+        if hf is None:
+            return None
+        hf = {**getattr(self, "_export_extras", {}), **hf}
+        self._ipc_sender = IpcWeightSender(hf, bucket_bytes)
+        self._ipc_version = version
+        return self._ipc_sender.num_buckets
+
+    def ipc_weight_bucket(self, index: int):
+        if getattr(self, "_ipc_sender", None) is None:
+            raise RuntimeError(f"policy tp_rank {self.policy.tp_rank} dp_rank {self.policy.dp_rank}: no GPU weight export is open")
+        return self._ipc_sender.bucket(index)
+
+    def close_ipc_weights(self) -> None:
+        sender, self._ipc_sender = getattr(self, "_ipc_sender", None), None
+        if sender is not None:
+            sender.close()
+
     def save_checkpoint(self, directory: str, extra: dict | None = None):
         self._ensure_thread()
         self.policy.save_checkpoint(directory, extra)
@@ -113,6 +146,25 @@ class WorkerGroup:
 
     def export_hf_weights(self) -> dict[str, torch.Tensor]:
         return next(w for w in ray.get([a.export_hf_weights.remote() for a in self.actors]) if w is not None)
+
+    # -- the IpcWeightSource of skyrl_mtp.inference.cuda_ipc: the rank holding the full weights sends
+
+    def set_export_extras(self, tensors: dict[str, torch.Tensor]) -> None:
+        ray.get(self.actors[self._holder].set_export_extras.remote(tensors))
+
+    def open_ipc_weights(self, version: int, bucket_bytes: int) -> int:
+        return ray.get([a.open_ipc_weights.remote(version, bucket_bytes) for a in self.actors])[self._holder]
+
+    def ipc_weight_bucket(self, index: int):
+        return ray.get(self.actors[self._holder].ipc_weight_bucket.remote(index))
+
+    def close_ipc_weights(self) -> None:
+        ray.get([a.close_ipc_weights.remote() for a in self.actors])
+
+    @property
+    def _holder(self) -> int:
+        """Index of the actor that holds the exported weights (TP rank 0 of DP rank 0)."""
+        return next(i for i, lay in enumerate(self.layouts) if lay["dp_rank"] == 0 and lay["tp_rank"] == 0)
 
     def save_checkpoint(self, directory: str, extra: dict | None = None) -> None:
         ray.get([a.save_checkpoint.remote(directory, extra) for a in self.actors])

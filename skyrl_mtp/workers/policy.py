@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from skyrl_mtp.megatron.bridge import load_module_state, make_bridge, module_state, split_trunk_and_mtp
-from skyrl_mtp.megatron.model_builder import BuildOptions, build_mtp_block, build_trunk, causal_mask
+from skyrl_mtp.megatron.model_builder import BuildOptions, build_device, build_mtp_block, build_trunk, causal_mask
 from skyrl_mtp.models.checkpoint import load_hf_state_dict
 from skyrl_mtp.models.mimo import MimoConfig
 from skyrl_mtp.mtp.replay import MtpCapture
@@ -98,13 +98,13 @@ class MegatronPolicy:
         opts = BuildOptions(tp_size=cfg.tp_size, pp_size=cfg.pp_size, params_dtype=self.params_dtype)
         shard = bridge.shard_for_tp(full, self.tp_rank, cfg.tp_size)
         trunk_state, head_state = split_trunk_and_mtp(shard)
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        device = build_device()
 
-        self.trunk = build_trunk(self.model_cfg, opts).to(device)
+        self.trunk = build_trunk(self.model_cfg, opts)
         load_module_state(self.trunk, trunk_state, what=f"policy trunk ({cfg.model_path})")
         self.head = None
         if self.mtp_on:
-            self.head = build_mtp_block(self.model_cfg, opts).to(device)
+            self.head = build_mtp_block(self.model_cfg, opts)
             load_module_state(self.head, head_state, what=f"MTP head ({cfg.model_path})")
         self.capture = MtpCapture().attach(self.trunk)
         self.device = device
@@ -272,14 +272,16 @@ class MegatronPolicy:
         return out
 
     # ------------------------------------------------------------------ weights out
-    def export_hf_weights(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
+    def export_hf_weights(self, dtype: torch.dtype | None = None, *,
+                          on_device: bool = False) -> dict[str, torch.Tensor] | None:
         """Full HF-named tensors (draft head included when MTP is on) on TP rank 0 of DP rank 0; None elsewhere.
-        Collective over the TP group."""
+        Collective over the TP group. Host copies by default; ``on_device=True`` returns the tensors
+        where they are (views of the parameters where the HF layout allows; for GPU weight sync)."""
         from skyrl_mtp.megatron.export import export_hf_tensors
 
         hf = export_hf_tensors(self.trunk, self.head, self.bridge, self.tp_group, dtype=dtype)
         if self.tp_rank == 0 and self.dp_rank == 0:
-            return {k: v.detach().cpu() for k, v in hf.items()}
+            return {k: v.detach() if on_device else v.detach().cpu() for k, v in hf.items()}
         return None
 
     def policy_state(self) -> dict[str, torch.Tensor]:

@@ -34,11 +34,18 @@ def token_logprobs_and_entropy(logits_local: torch.Tensor, targets: torch.Tensor
     """log softmax(logits / T)[target] per position ``[b, s]`` (with grad), and the entropy of
     softmax(logits / T) per position (no grad; a metric), over the true vocabulary only."""
     offset, valid = _shard(logits_local, vocab_size, tp_group)
-    x = (logits_local.float() / temperature).masked_fill(~valid, float("-inf"))
+    # Each [tokens, vocab] fp32 temporary is 2.5 GB at 4096 tokens x 152K vocab, so the chain works
+    # in place on one private copy (none of these in-place ops needs its input for backward);
+    # only ``exp`` is kept for backward. The copy matters: the caller's logits are the draft
+    # loss's teacher too.
+    x = logits_local.to(torch.float32, copy=True)
+    if temperature != 1.0:
+        x.div_(temperature)
+    x.masked_fill_(~valid, float("-inf"))
     local_max = x.detach().max(dim=-1).values
     # A shard that is all padding has max -inf: use a finite stand-in so exp() stays 0, not nan.
     global_max = _tp_reduce(local_max.clamp_min(torch.finfo(x.dtype).min), tp_group, torch.distributed.ReduceOp.MAX)
-    shifted = x - global_max.unsqueeze(-1)
+    shifted = x.sub_(global_max.unsqueeze(-1))
     exp = shifted.exp()
     sum_exp = _tp_reduce(exp.sum(dim=-1), tp_group)
     local_target = targets - offset
@@ -49,6 +56,7 @@ def token_logprobs_and_entropy(logits_local: torch.Tensor, targets: torch.Tensor
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            weighted = _tp_reduce(torch.where(valid, exp * shifted, torch.zeros_like(exp)).sum(-1), tp_group)
+            # padded columns: exp = 0 and shifted = -inf, whose product is nan, hence the fill
+            weighted = _tp_reduce((exp * shifted).masked_fill_(~valid, 0.0).sum(-1), tp_group)
             entropy = sum_exp.log() - weighted / sum_exp
     return logprobs, entropy

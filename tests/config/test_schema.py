@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import skyrl_mtp.train as entry
-from skyrl_mtp.config.schema import ConfigError, validate_config
+from skyrl_mtp.config.schema import ConfigError, resolve_weight_transport, validate_config
 
 REPO = Path(entry.__file__).resolve().parents[1]
 
@@ -60,6 +60,17 @@ def test_default_and_demo_configs_validate():
     validate_config(compose_cfg(example_overrides()["small_gpu_dapo.sh"]))  # the one-GPU colocated run
 
 
+def test_weight_transport_auto_picks_cuda_ipc_only_when_colocated_on_one_gpu():
+    colocated = ["generator.num_gpus_per_engine=0.5", "megatron.num_gpus_per_worker=0.5"]
+    assert resolve_weight_transport(compose_cfg([])) == "ray"
+    assert resolve_weight_transport(compose_cfg(colocated)) == "cuda_ipc"
+    assert resolve_weight_transport(compose_cfg(example_overrides()["small_gpu_dapo.sh"])) == "cuda_ipc"
+    # two engines or two policy ranks: Ray may place them on different GPUs
+    assert resolve_weight_transport(compose_cfg(colocated + ["generator.num_engines=2"])) == "ray"
+    assert resolve_weight_transport(compose_cfg(colocated + ["megatron.dp_size=2"])) == "ray"
+    assert resolve_weight_transport(compose_cfg(colocated + ["generator.weight_transport=ray"])) == "ray"
+
+
 BAD = [
     (["algorithm.name=ppo2"], r"algorithm.name='ppo2': unknown algorithm"),
     (["algorithm.advantage_estimator=gae9"], r"algorithm.advantage_estimator='gae9'"),
@@ -73,6 +84,8 @@ BAD = [
     (["trainer.total_steps=0"], r"trainer.total_steps=0"),
     (["generator.num_gpus_per_engine=0.5", "generator.tensor_parallel_size=2"], r"generator.num_gpus_per_engine=0.5: use a fraction"),
     (["generator.num_gpus_per_engine=0.7", "megatron.num_gpus_per_worker=0.5"], r"add up to 1.2 > 1"),
+    (["generator.weight_transport=nccl"], r"generator.weight_transport='nccl': use one of"),
+    (["generator.weight_transport=cuda_ipc"], r"generator.weight_transport='cuda_ipc': CUDA IPC needs the engines on"),
     (["trainer.mtp.enabled=true", "trainer.mtp.num_speculative_tokens=0"], r"trainer.mtp.num_speculative_tokens=0"),
     (["trainer.mtp.enabled=true", "trainer.mtp.loss_type=kl"], r"trainer.mtp.loss_type='kl': unknown draft loss"),
     (["trainer.mtp.enabled=true", "trainer.mtp.loss_type=topk_soft_ce", "megatron.mtp_topk=0"], r"megatron.mtp_topk=0"),

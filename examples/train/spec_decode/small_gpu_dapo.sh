@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU, colocated: DAPO on the ~0.5B `small` preset (sort task), policy and one vLLM engine on
 # the same GPU by a memory split (Ray gives each half a GPU; vLLM may use 35% of its memory, the
-# policy takes what it needs of the rest). The MTP head is trained by the decoupled draft loss and
+# policy takes what it needs of the rest). Weight sync goes GPU to GPU (CUDA IPC, chosen by
+# generator.weight_transport=auto for this placement). The MTP head is trained by the decoupled draft loss and
 # drafts 3 tokens. MTP=0 runs the same job without MTP (no head training, no drafting).
 #   MTP=1 bash examples/train/spec_decode/small_gpu_dapo.sh [key=value ...]
 # Set-up and measured numbers: docs/gpu.md, docs/performance.md.
