@@ -106,7 +106,7 @@ def main() -> dict:
     import torch
     import vllm
 
-    from skyrl_mtp.inference.speedup import best_k, speedup_table
+    from skyrl_mtp.inference.speedup import best_k, speedup_table, step_cost_ratios
     from skyrl_mtp.models.mimo import get_preset
 
     model_dir = tempfile.mkdtemp(prefix="bench_spec_cost_")
@@ -142,13 +142,9 @@ def main() -> dict:
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1))
         return report
-    base = report["per_k"][0]["batches"]
-    ks = sorted(report["per_k"])
-    ratios = {int(b): {k: report["per_k"][k]["batches"][b]["median_s"] / base[b]["median_s"] for k in ks}
-              for b in base}
+    ratios = step_cost_ratios(report["per_k"], "median_s")
     report["step_cost_ratio"] = ratios
-    report["step_cost_ratio_if_uniform"] = {
-        int(b): {k: report["per_k"][k]["batches"][b]["step_ms"] / base[b]["step_ms"] for k in ks} for b in base}
+    report["step_cost_ratio_if_uniform"] = step_cost_ratios(report["per_k"], "step_ms")
     if acceptance is not None:
         table = speedup_table(acceptance, ratios)
         report["acceptance_per_pos"] = acceptance

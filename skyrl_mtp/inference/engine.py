@@ -134,6 +134,10 @@ def sampling_params_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
     return kwargs
 
 
+# vLLM 0.25 on CUDA (STACK.md): the V1 model runner and no FlashInfer sampler (see engine_env).
+CUDA_ENGINE_DEFAULTS = {"VLLM_USE_V2_MODEL_RUNNER": "0", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
+
+
 def engine_env(config: RolloutConfig, device: str) -> dict[str, str]:
     """Environment of an engine process; must be in place before vLLM is imported there.
 
@@ -141,7 +145,7 @@ def engine_env(config: RolloutConfig, device: str) -> dict[str, str]:
     runner's MTP CUDA-graph capture failed with MiMo MTP, and the reload path targets V1) and no
     FlashInfer sampler (it cannot return processed logprobs). ``config.engine_env`` overrides.
     """
-    env = {"VLLM_USE_V2_MODEL_RUNNER": "0", "VLLM_USE_FLASHINFER_SAMPLER": "0"} if device == "cuda" else {}
+    env = dict(CUDA_ENGINE_DEFAULTS) if device == "cuda" else {}
     env.update(config.engine_env)
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine core: collective_rpc passes real tensors
     return env

@@ -39,6 +39,16 @@ def predicted_speedup(acceptance_per_pos: Sequence[float], k: int, step_cost_rat
     return tokens_per_step(acceptance_per_pos, k) / step_cost_ratio
 
 
+def step_cost_ratios(per_k: Mapping, key: str = "median_s") -> dict[int, dict[int, float]]:
+    """{batch: {k: c(k)}} from a step-cost report's ``per_k`` ({k: {"batches": {batch: {key: ..}}}},
+    keys may be strings as in JSON): each k's ``key`` (``median_s`` per run, or ``step_ms``) over
+    k=0's at the same batch size, for the batch sizes k=0 has."""
+    runs = {int(k): {int(b): float(v[key]) for b, v in report["batches"].items()} for k, report in per_k.items()}
+    if 0 not in runs:
+        raise ValueError(f"step-cost ratios need the k=0 runs; the report has k={sorted(runs)}")
+    return {b: {k: runs[k][b] / t0 for k in sorted(runs) if b in runs[k]} for b, t0 in sorted(runs[0].items())}
+
+
 def speedup_table(acceptance_per_pos: Sequence[float],
                   step_cost_ratios: Mapping[int, Mapping[int, float]]) -> dict[int, dict[int, float]]:
     """{batch: {k: speedup}} from {batch: {k: c(k)}}, for every k the acceptance covers (k=0 gives 1)."""

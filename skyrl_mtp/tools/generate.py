@@ -46,6 +46,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.k < 0:
         parser.error(f"--k must be >= 0, got {args.k}")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import torch
+
+    if torch.cuda.is_available():  # the engines' CUDA settings (no FlashInfer in the verified wheel set)
+        from skyrl_mtp.inference.engine import CUDA_ENGINE_DEFAULTS
+
+        for key, value in CUDA_ENGINE_DEFAULTS.items():
+            os.environ.setdefault(key, value)
     from vllm import LLM, SamplingParams, TokensPrompt
 
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=0,

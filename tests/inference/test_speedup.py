@@ -1,6 +1,6 @@
 import pytest
 
-from skyrl_mtp.inference.speedup import best_k, predicted_speedup, speedup_table, tokens_per_step
+from skyrl_mtp.inference.speedup import best_k, predicted_speedup, speedup_table, step_cost_ratios, tokens_per_step
 
 
 def test_tokens_per_step_matches_skyrl_published_k3():
@@ -42,3 +42,13 @@ def test_bad_input_is_refused(rates, k):
         tokens_per_step(rates, k)
     with pytest.raises(ValueError, match="step_cost_ratio"):
         predicted_speedup([0.5], 1, 0.0)
+
+
+def test_step_cost_ratios_from_a_json_report():
+    # keys as JSON leaves them (strings); k=3 lacks batch 8, which k=0 has
+    per_k = {"0": {"batches": {"1": {"median_s": 2.0, "step_ms": 10.0}, "8": {"median_s": 4.0, "step_ms": 20.0}}},
+             "3": {"batches": {"1": {"median_s": 3.0, "step_ms": 16.0}}}}
+    assert step_cost_ratios(per_k) == {1: {0: 1.0, 3: 1.5}, 8: {0: 1.0}}
+    assert step_cost_ratios(per_k, "step_ms")[1][3] == pytest.approx(1.6)
+    with pytest.raises(ValueError, match="need the k=0 runs"):
+        step_cost_ratios({"3": per_k["3"]})
