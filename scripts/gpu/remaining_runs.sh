@@ -31,9 +31,15 @@ for step in $steps; do
         model.path=runs/small_gpu_dapo_mtp/warm_start trainer.warm_start.enabled=false > "$out/e2e_nomtp.log" 2>&1
       mkdir -p "$out/nomtp"; cp runs/small_gpu_dapo_nomtp/{metrics.jsonl,summary.md} "$out/nomtp/" 2>/dev/null
       grep -m3 "weight sync\|Error" "$out/e2e_nomtp.log"; tail -n 14 "$out/nomtp/summary.md" ;;
-    tp2)  # two GPUs: DP=2 and TP=2 over NCCL, then the TP=2 draft-loss tests (issue 8 item 2)
+    tp2)  # two GPUs: DP=2 and TP=2 over NCCL (vs TP=1), the TP=2 draft-loss tests, then the
+          # invariance tool at TP=2 for every draft loss and its negative control (issue 8 item 2)
       python3 -m pytest -q -p no:cacheprovider tests/workers/test_policy_parallel.py tests/mtp/test_losses.py \
-        > "$out/tp2_pytest.txt" 2>&1; tail -3 "$out/tp2_pytest.txt" ;;
+        > "$out/tp2_pytest.txt" 2>&1; tail -3 "$out/tp2_pytest.txt"
+      for t in soft_ce topk_soft_ce hard_ce tv; do
+        python3 -m skyrl_mtp.tools.check_policy_invariance --steps 5 --tp 2 --loss-type $t 2>/dev/null | tail -1
+      done > "$out/invariance_tp2.jsonl"
+      python3 -m skyrl_mtp.tools.check_policy_invariance --steps 5 --tp 2 --attach-output-layer 2>/dev/null | tail -1 \
+        >> "$out/invariance_tp2.jsonl"; cut -c1-120 "$out/invariance_tp2.jsonl" ;;
     *) echo "unknown step $step (ipc, e2e_mtp, e2e_nomtp, spec_k3, train_step, tp2)"; exit 2 ;;
   esac
 done

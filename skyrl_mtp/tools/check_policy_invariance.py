@@ -1,11 +1,13 @@
 """Check that MTP head training leaves the policy's update untouched, bitwise.
 
-    python -m skyrl_mtp.tools.check_policy_invariance --steps 5 [--loss-type soft_ce] [--model DIR]
+    python -m skyrl_mtp.tools.check_policy_invariance --steps 5 [--loss-type soft_ce] [--model DIR] [--tp 2]
 
 Trains two copies of the same policy for K optimizer steps on identical batches, one with the
 decoupled MTP draft loss and one without, then compares every policy parameter. Prints JSON:
 ``{"identical": bool, "max_abs_diff": float, "mtp_loss_first": float, "mtp_loss_last": float, ...}``.
-Runs on one process (CPU or one GPU); without --model it makes a random tiny checkpoint.
+Runs on one process (CPU or one GPU), or with ``--tp N`` on N processes in one tensor-parallel
+group (gloo on CPU, NCCL with one GPU per rank), where every rank compares its own shard and the
+report covers all of them. Without --model it makes a random tiny checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import json
 import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -33,7 +36,7 @@ def synthetic_batch(step: int, vocab: int, batch: int, seq: int, prompt_len: int
     return {"input_ids": ids, "loss_mask": loss_mask, "advantages": adv}
 
 
-def run(args) -> dict:
+def run(args, rank: int = 0, world_size: int = 1, master_port: int | None = None) -> dict:
     import os
 
     from skyrl_mtp.workers.policy import MegatronPolicy
@@ -43,14 +46,9 @@ def run(args) -> dict:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-    model = args.model
-    if model is None:
-        from skyrl_mtp.tools.init_model import main as init_model
-
-        model = tempfile.mkdtemp(prefix="skyrl_mtp_invariance_") + "/tiny"
-        init_model(["--preset", "tiny", "--out", model, "--seed", str(args.seed)])
+    model = args.model or random_tiny_checkpoint(args.seed)
     base = PolicyWorkerConfig(
-        model_path=model, micro_batch_size=args.micro_batch_size, params_dtype=args.dtype,
+        model_path=model, tp_size=world_size, micro_batch_size=args.micro_batch_size, params_dtype=args.dtype,
         optim=OptimConfig(lr=args.lr, clip_grad=1.0),
         loss=PolicyLossConfig(clip_eps_low=0.2, clip_eps_high=0.28, temperature=1.0),
         mtp=MtpConfig(enabled=False))
@@ -59,8 +57,9 @@ def run(args) -> dict:
                         chunk_size=args.chunk_size, optim=OptimConfig(lr=args.head_lr, clip_grad=1.0),
                         # a negative control: an attached output layer lets the draft loss train the policy
                         detach_shared_output=not args.attach_output_layer)
-    with_mtp = MegatronPolicy(replace(base, mtp=mtp_cfg))
-    without = MegatronPolicy(base)
+    dist = dict(rank=rank, world_size=world_size, master_port=master_port)
+    with_mtp = MegatronPolicy(replace(base, mtp=mtp_cfg), **dist)
+    without = MegatronPolicy(base, **dist)  # joins the process groups the first one set up
     vocab = with_mtp.model_cfg.vocab_size
     mtp_losses = []
     for step in range(args.steps):
@@ -75,7 +74,56 @@ def run(args) -> dict:
     identical = all(torch.equal(a[k], b[k]) for k in a) and set(a) == set(b)
     return {"identical": identical, "max_abs_diff": max(diffs), "mtp_loss_first": mtp_losses[0],
             "mtp_loss_last": mtp_losses[-1], "steps": args.steps, "loss_type": args.loss_type,
-            "num_policy_tensors": len(a), **runtime_facts()}
+            "num_policy_tensors": len(a), "tp": world_size, **runtime_facts()}
+
+
+def random_tiny_checkpoint(seed: int) -> str:
+    from skyrl_mtp.tools.init_model import main as init_model
+
+    model = tempfile.mkdtemp(prefix="skyrl_mtp_invariance_") + "/tiny"
+    init_model(["--preset", "tiny", "--out", model, "--seed", str(seed)])
+    return model
+
+
+def _rank_main(rank: int, args, port: int, out_dir: str) -> None:
+    import os
+    import traceback
+
+    try:
+        report = run(args, rank=rank, world_size=args.tp, master_port=port)
+    except BaseException:
+        Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
+    os._exit(0)  # skip process-group teardown; the parent reads the files
+
+
+def run_tensor_parallel(args) -> dict:
+    """``run`` on ``args.tp`` spawned ranks; identical only if every rank's shard is."""
+    import torch.multiprocessing as mp
+
+    from skyrl_mtp.megatron.parallel import free_port
+
+    if torch.cuda.is_available() and torch.cuda.device_count() < args.tp:
+        raise SystemExit(f"--tp {args.tp} needs {args.tp} GPUs (NCCL, one per rank); this machine has "
+                         f"{torch.cuda.device_count()}. Run on CPU (gloo) by hiding the GPUs: CUDA_VISIBLE_DEVICES=")
+    args.model = args.model or random_tiny_checkpoint(args.seed)  # one checkpoint for all ranks
+    out_dir = tempfile.mkdtemp(prefix="skyrl_mtp_invariance_tp_")
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, args, port, out_dir)) for r in range(args.tp)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    errors = sorted(Path(out_dir).glob("rank*.err"))
+    if errors or any(p.exitcode != 0 for p in procs):
+        detail = errors[0].read_text()[-3000:] if errors else f"exit codes {[p.exitcode for p in procs]}"
+        raise RuntimeError(f"check_policy_invariance --tp {args.tp}: a rank failed:\n{detail}")
+    ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(args.tp)]
+    return {**ranks[0], "identical": all(r["identical"] for r in ranks),
+            "max_abs_diff": max(r["max_abs_diff"] for r in ranks),
+            "per_rank": [{k: r[k] for k in ("identical", "max_abs_diff", "num_policy_tensors")} for r in ranks]}
 
 
 def runtime_facts() -> dict:
@@ -105,12 +153,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--head-lr", type=float, default=3e-3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (one process per rank)")
     parser.add_argument("--attach-output-layer", action="store_true",
                         help="let the draft loss train the shared output layer (must then report identical=false)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
-    report = run(args)
+    if args.tp < 1:
+        parser.error(f"--tp must be >= 1, got {args.tp}")
+    report = run(args) if args.tp == 1 else run_tensor_parallel(args)
     print(json.dumps(report))
     return report
 
