@@ -23,7 +23,6 @@ differently (Ray sets CUDA_VISIBLE_DEVICES per actor), hence the UUID.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -34,7 +33,6 @@ from skyrl_mtp.inference.weight_sync import (
     TensorPiece,
     WeightSyncStats,
     WeightTransport,
-    abort_everywhere,
     iter_buckets,
 )
 
@@ -184,44 +182,23 @@ class IpcWeightSource(Protocol):
 
 class CudaIpcTransport(WeightTransport):
     """GPU transport for colocated engines: per bucket, the policy packs and exports a CUDA IPC
-    handle, every engine copies the bucket out of the policy's GPU memory into its staging set;
-    then the same prepare/finish phases as the Ray transport."""
+    handle, and every engine copies the bucket out of the policy's GPU memory into its staging
+    set; then the same prepare/finish phases as the Ray transport (``WeightTransport.push``)."""
 
     name = "cuda_ipc"
 
-    def __init__(self, bucket_bytes: int, timeout_s: float | None = None):
-        if bucket_bytes < 1:
-            raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
-        self.bucket_bytes = bucket_bytes
-        self.timeout_s = timeout_s
-
-    def push(self, engines: Sequence[Any], source: Any, version: int) -> WeightSyncStats:
+    def deliver(self, engines: Sequence[Any], source: Any, version: int, stats: WeightSyncStats) -> None:
         from skyrl_mtp.inference.remote import gather
 
         if not all(hasattr(source, m) for m in ("open_ipc_weights", "ipc_weight_bucket", "close_ipc_weights")):
             raise TypeError(f"the cuda_ipc transport pushes from the policy workers (an IpcWeightSource), got "
                             f"{type(source).__name__}; tensors in the trainer process go with weight_transport=ray")
-        stats = WeightSyncStats(version=version, transport=self.name)
-        start = time.perf_counter()
-        gather([(e, e.actor.begin_weight_sync.remote(version, self.name)) for e in engines],
-               f"begin_weight_sync(version={version})", self.timeout_s)
         try:
-            num_buckets = source.open_ipc_weights(version, self.bucket_bytes)
-            for index in range(num_buckets):
+            for index in range(source.open_ipc_weights(version, self.bucket_bytes)):
                 bucket = source.ipc_weight_bucket(index)
                 gather([(e, e.actor.receive_ipc_bucket.remote(version, index, bucket)) for e in engines],
                        f"cuda_ipc weight bucket {index} of version {version}", self.timeout_s)
                 stats.add_bucket(num_whole=sum(1 for s in bucket.specs if s.row_start == 0),
                                  nbytes=sum(s.nbytes for s in bucket.specs))
-            gather([(e, e.actor.prepare_weight_sync.remote(version)) for e in engines],
-                   f"prepare_weight_sync(version={version})", self.timeout_s)
-            results = gather([(e, e.actor.finish_weight_sync.remote(version)) for e in engines],
-                             f"finish_weight_sync(version={version})", self.timeout_s)
-        except BaseException:
-            abort_everywhere(engines)
-            raise
         finally:
-            source.close_ipc_weights()
-        stats.per_engine = {e.index: r for e, r in zip(engines, results)}
-        stats.total_s = time.perf_counter() - start
-        return stats
+            source.close_ipc_weights()  # the engines hold copies; the policy's buffer can go

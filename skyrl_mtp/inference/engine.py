@@ -362,21 +362,20 @@ class RolloutEngine:
 
     def receive_weight_bucket(self, version: int, bucket_index: int, pieces: list[TensorPiece]) -> int:
         """A bucket of host tensors (Ray transport)."""
-        for p in pieces:
-            if not isinstance(p, TensorPiece):
-                self.abort_weight_sync()
-                raise WeightSyncError(f"{self._name}: weight buckets must hold TensorPiece, got {type(p).__name__}")
-        return self._stage(version, bucket_index, "ray", [(p.name, p.tensor.dtype, p.full_shape) for p in pieces],
-                           "skyrl_stage_weight_bucket", pieces)
+        return self._stage(version, bucket_index, "ray", pieces, TensorPiece, "skyrl_stage_weight_bucket", pieces)
 
     def receive_ipc_bucket(self, version: int, bucket_index: int, bucket: Any) -> int:
         """A bucket in the policy's GPU memory (cuda_ipc transport, ``cuda_ipc.IpcBucket``): the
         worker copies it out before this returns."""
-        return self._stage(version, bucket_index, "cuda_ipc", [(s.name, s.dtype, s.full_shape) for s in bucket.specs],
+        from skyrl_mtp.inference.cuda_ipc import PieceSpec
+
+        return self._stage(version, bucket_index, "cuda_ipc", list(getattr(bucket, "specs", [bucket])), PieceSpec,
                            "skyrl_stage_ipc_bucket", bucket)
 
-    def _stage(self, version: int, bucket_index: int, transport: str,
-               described: list[tuple[str, Any, tuple[int, ...]]], rpc: str, payload: Any) -> int:
+    def _stage(self, version: int, bucket_index: int, transport: str, pieces: list, piece_type: type,
+               rpc: str, payload: Any) -> int:
+        """Checks one bucket's pieces (``TensorPiece`` or ``PieceSpec``: name, dtype, full shape)
+        and hands the payload to the worker extension's ``rpc``; any failure aborts the sync."""
         sync = self._open_sync(version)
         try:
             if sync.transport != transport:
@@ -384,13 +383,13 @@ class RolloutEngine:
             if bucket_index != sync.num_buckets:
                 raise WeightSyncError(f"{self._name}: expected weight bucket {sync.num_buckets} of version "
                                       f"{version}, got bucket {bucket_index}")
-            self._check_pieces(described)
+            self._check_pieces(pieces, piece_type)
             staged = self.llm.collective_rpc(rpc, args=(version, payload))[0]
         except BaseException:
             self.abort_weight_sync()
             raise
         sync.num_buckets += 1
-        sync.names.update(name for name, _, _ in described)
+        sync.names.update(p.name for p in pieces)
         return int(staged)
 
     def prepare_weight_sync(self, version: int) -> int:
@@ -444,20 +443,23 @@ class RolloutEngine:
             raise WeightSyncError(f"{self._name}: no weight sync for version {version} is open (open: {open_version})")
         return self._sync
 
-    def _check_pieces(self, described: list[tuple[str, Any, tuple[int, ...]]]) -> None:
-        """Each piece as (name, dtype, full shape): floating point, and a checkpoint tensor's shape."""
-        for name, dtype, full_shape in described:
-            if not dtype.is_floating_point:
-                raise WeightSyncError(f"{self._name}: tensor {name!r} has dtype {dtype}; weights must be floating point")
+    def _check_pieces(self, pieces: list, piece_type: type) -> None:
+        """Each piece: of the transport's type, floating point, and a checkpoint tensor's shape."""
+        for p in pieces:
+            if not isinstance(p, piece_type):
+                raise WeightSyncError(f"{self._name}: weight buckets must hold {piece_type.__name__}, "
+                                      f"got {type(p).__name__}")
+            if not p.dtype.is_floating_point:
+                raise WeightSyncError(f"{self._name}: tensor {p.name!r} has dtype {p.dtype}; weights must be floating point")
             if self._expected_shapes is None:
                 continue
-            expected = self._expected_shapes.get(name)
+            expected = self._expected_shapes.get(p.name)
             if expected is None:
-                raise WeightSyncError(f"{self._name}: tensor {name!r} is not in the checkpoint "
+                raise WeightSyncError(f"{self._name}: tensor {p.name!r} is not in the checkpoint "
                                       f"{self.config.model_path} (HF names expected, "
                                       "e.g. 'model.layers.0.mlp.up_proj.weight')")
-            if tuple(full_shape) != expected:
-                raise WeightSyncError(f"{self._name}: tensor {name!r} has shape {tuple(full_shape)}, "
+            if tuple(p.full_shape) != expected:
+                raise WeightSyncError(f"{self._name}: tensor {p.name!r} has shape {tuple(p.full_shape)}, "
                                       f"the checkpoint has {expected}")
 
     def shutdown(self) -> None:

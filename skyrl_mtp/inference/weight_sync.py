@@ -61,6 +61,10 @@ class TensorPiece:
         return self.tensor.numel() * self.tensor.element_size()
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.tensor.dtype
+
+    @property
     def is_whole(self) -> bool:
         return self.row_start == 0 and tuple(self.tensor.shape) == self.full_shape
 
@@ -338,39 +342,23 @@ class WeightSyncStats:
 
 
 class WeightTransport(ABC):
-    """Moves HF-named tensors from the trainer process into every engine and applies them.
+    """Moves the policy's HF-named tensors into every engine and applies them.
 
-    A transport drives the engine-side protocol ``begin_weight_sync(version, transport)`` ->
-    transport-specific transfer -> ``prepare_weight_sync(version)`` on every engine ->
-    ``finish_weight_sync(version)``, and must call
+    ``push`` drives the engine-side protocol: ``begin_weight_sync(version, transport)`` on every
+    engine -> the transport's own delivery of the buckets (``deliver``) ->
+    ``prepare_weight_sync(version)`` on every engine -> ``finish_weight_sync(version)``, and calls
     ``abort_weight_sync`` on every engine if anything fails in between, so each engine either
-    switches to ``version`` completely or stays on its previous version.
+    switches to ``version`` completely or stays on its previous version. Two phases: every engine
+    confirms a complete staged set before any engine applies it, so a bad or incomplete set never
+    reaches some engines and not others.
 
-    The CPU transport (``RayObjectStoreTransport``) carries the tensors through Ray. A GPU
-    transport plugs in by implementing ``connect`` (one-time handshake, e.g. vLLM's weight-transfer
-    engine over NCCL or CUDA IPC: ``init_weight_transfer_engine``) and ``push`` (per step:
-    ``start_weight_update`` / ``update_weights`` chunks / ``finish_weight_update``, once for the
-    target and once with ``start_draft_weight_update`` for the drafter) with matching engine-side
-    receive methods; the engine's finish step then resets the prefix cache and records the
-    version. See docs/inference.md.
+    Implementations: ``RayObjectStoreTransport`` (host tensors through Ray, any placement) and
+    ``cuda_ipc.CudaIpcTransport`` (GPU to GPU for engines on the policy's GPU). A new transport
+    implements ``deliver`` (and ``connect`` for a one-time handshake) plus the engine method that
+    receives its buckets. See docs/inference.md.
     """
 
     name: ClassVar[str]
-
-    def connect(self, engines: Sequence[Any]) -> None:
-        """One-time setup with the engines (no-op for transports that need none)."""
-
-    @abstractmethod
-    def push(self, engines: Sequence[Any], named_tensors: NamedTensors, version: int) -> WeightSyncStats:
-        """Delivers and applies one full set of weights as ``version`` on every engine."""
-
-
-class RayObjectStoreTransport(WeightTransport):
-    """CPU transport: buckets go through Ray's object store (``ray.put`` once per bucket, read by
-    every engine); the engine hands them to its worker in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``),
-    where they are staged and applied at the last bucket."""
-
-    name = "ray"
 
     def __init__(self, bucket_bytes: int, timeout_s: float | None = None):
         if bucket_bytes < 1:
@@ -378,9 +366,15 @@ class RayObjectStoreTransport(WeightTransport):
         self.bucket_bytes = bucket_bytes
         self.timeout_s = timeout_s
 
-    def push(self, engines: Sequence[Any], named_tensors: NamedTensors, version: int) -> WeightSyncStats:
-        import ray
+    def connect(self, engines: Sequence[Any]) -> None:
+        """One-time setup with the engines (no-op for transports that need none)."""
 
+    @abstractmethod
+    def deliver(self, engines: Sequence[Any], source: Any, version: int, stats: WeightSyncStats) -> None:
+        """Stages every bucket of ``source`` on every engine (counting them in ``stats``)."""
+
+    def push(self, engines: Sequence[Any], source: Any, version: int) -> WeightSyncStats:
+        """Delivers and applies one full set of weights as ``version`` on every engine."""
         from skyrl_mtp.inference.remote import gather
 
         stats = WeightSyncStats(version=version, transport=self.name)
@@ -388,15 +382,7 @@ class RayObjectStoreTransport(WeightTransport):
         gather([(e, e.actor.begin_weight_sync.remote(version, self.name)) for e in engines],
                f"begin_weight_sync(version={version})", self.timeout_s)
         try:
-            for index, bucket in enumerate(iter_buckets(named_tensors, self.bucket_bytes)):
-                ref = ray.put(bucket)
-                gather([(e, e.actor.receive_weight_bucket.remote(version, index, ref)) for e in engines],
-                       f"weight bucket {index} of version {version}", self.timeout_s)
-                del ref  # let the object store free the bucket
-                stats.add_bucket(num_whole=sum(1 for p in bucket if p.row_start == 0),
-                                 nbytes=sum(p.nbytes for p in bucket))
-            # Two phases: every engine confirms a complete staged set before any engine applies it,
-            # so a bad or incomplete set never reaches some engines and not others.
+            self.deliver(engines, source, version, stats)
             gather([(e, e.actor.prepare_weight_sync.remote(version)) for e in engines],
                    f"prepare_weight_sync(version={version})", self.timeout_s)
             results = gather([(e, e.actor.finish_weight_sync.remote(version)) for e in engines],
@@ -407,6 +393,27 @@ class RayObjectStoreTransport(WeightTransport):
         stats.per_engine = {e.index: r for e, r in zip(engines, results)}
         stats.total_s = time.perf_counter() - start
         return stats
+
+
+class RayObjectStoreTransport(WeightTransport):
+    """CPU-side transport: buckets of host tensors go through Ray's object store (``ray.put`` once
+    per bucket, read by every engine); the engine hands them to its worker in-process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), where they are staged and applied at the last bucket."""
+
+    name = "ray"
+
+    def deliver(self, engines: Sequence[Any], source: NamedTensors, version: int, stats: WeightSyncStats) -> None:
+        import ray
+
+        from skyrl_mtp.inference.remote import gather
+
+        for index, bucket in enumerate(iter_buckets(source, self.bucket_bytes)):
+            ref = ray.put(bucket)
+            gather([(e, e.actor.receive_weight_bucket.remote(version, index, ref)) for e in engines],
+                   f"weight bucket {index} of version {version}", self.timeout_s)
+            del ref  # let the object store free the bucket
+            stats.add_bucket(num_whole=sum(1 for p in bucket if p.row_start == 0),
+                             nbytes=sum(p.nbytes for p in bucket))
 
 
 def abort_everywhere(engines: Sequence[Any]) -> None:

@@ -253,6 +253,7 @@ def test_refused_syncs_keep_the_previous_weights(group, checkpoints):
         "not in the checkpoint": {**good, "model.layers.0.bogus.weight": torch.zeros(4)},
         "missing 1 of": {k: v for k, v in good.items() if k != "model.mtp_layers.0.input_proj.weight"},
         "has shape": {**good, "lm_head.weight": torch.zeros(CFG.vocab_size - 1, CFG.hidden_size)},
+        "weights must be floating point": {**good, "model.norm.weight": good["model.norm.weight"].to(torch.int32)},
     }
     for message, state in bad_inputs.items():
         with pytest.raises(RolloutEngineError, match=message) as info:
@@ -269,6 +270,11 @@ def test_refused_syncs_keep_the_previous_weights(group, checkpoints):
         group.sync_weights(failing_sender())
     with pytest.raises(ValueError, match="weight version must be an int above"):
         group.sync_weights(good, version=version)
+    # GPU-to-GPU transport on a CPU engine: refused at begin, naming the transport that works.
+    from skyrl_mtp.inference.cuda_ipc import CudaIpcTransport
+
+    with pytest.raises(RolloutEngineError, match="needs a CUDA engine.*use weight_transport=ray"):
+        CudaIpcTransport(bucket_bytes=1 << 20).push(group.live_engines, good, version + 1)
 
     assert group.weight_version == version
     out = group.generate(PROMPTS, GREEDY)
