@@ -348,7 +348,7 @@ class _Plan:
 class _Saved(NamedTuple):
     """Per-position statistics the backward needs; all O(B * S * topk) at most."""
 
-    student_lse: Tensor  # [B, S] log-normaliser of student / T over the global vocab
+    student_lse: Tensor | None  # [B, S] log-normaliser of student / T over the global vocab (None: soft_ce, no TP)
     teacher_lse: Tensor | None = None  # [B, S] same for the teacher (soft_ce, tv)
     tv_coupling: Tensor | None = None  # [B, S] sum_v 0.5 * sign(q_v - p_v) * q_v (tv)
     target_ids: Tensor | None = None  # [B, S, k] global ids of a sparse target (hard_ce, topk)
@@ -418,6 +418,8 @@ def _soft_ce_forward(
     student: Tensor, teacher: Tensor, labels: Tensor | None, plan: _Plan
 ) -> tuple[Tensor, _Saved]:
     """``H(p, q) = lse(z) - sum_v p_v z_v`` with ``z = student / T``, in one pass, two collectives."""
+    if plan.shard.size == 1:
+        return _soft_ce_forward_local(student, teacher, plan)
     local_max = _stat_buffer(student, plan, 2)  # [student, teacher]
     local_sums = _stat_buffer(student, plan, 3)  # [student sumexp, teacher sumexp, teacher-weighted z]
     for chunk in plan.chunks:
@@ -434,6 +436,27 @@ def _soft_ce_forward(
     teacher_lse = global_max[1] + totals[1].log()
     loss = student_lse - totals[2] / totals[1]
     return loss, _Saved(student_lse=student_lse, teacher_lse=teacher_lse)
+
+
+def _soft_ce_forward_local(student: Tensor, teacher: Tensor, plan: _Plan) -> tuple[Tensor, _Saved]:
+    """Without TP the normalisers need no collective, so each chunk goes through torch's fused
+    (log-)softmax kernels, which read the logits once and convert them on the fly: a handful of
+    passes over ``[B, chunk, V]`` instead of the dozen the sharded path needs. Nothing is saved:
+    the backward recomputes both softmaxes the same way."""
+    loss = _stat_buffer(student, plan)
+    for chunk in plan.chunks:
+        log_q = _local_softmax(student, chunk, plan, log=True)
+        loss[:, chunk] = _local_softmax(teacher, chunk, plan).mul_(log_q).sum(dim=-1).neg_()
+    return loss, _Saved(student_lse=None)
+
+
+def _local_softmax(logits: Tensor, chunk: slice, plan: _Plan, log: bool = False) -> Tensor:
+    """``(log_)softmax(logits / T)`` over a chunk's valid columns, in the compute dtype (no TP)."""
+    x = logits[:, chunk, : plan.shard.num_valid]
+    if plan.temperature != 1.0:
+        x = x.to(plan.compute_dtype) / plan.temperature
+    fn = torch.log_softmax if log else torch.softmax
+    return fn(x, dim=-1, dtype=plan.compute_dtype)
 
 
 def _teacher_moments(y: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -557,6 +580,8 @@ _FORWARDS: dict[str, Callable[[Tensor, Tensor | None, Tensor | None, _Plan], tup
 
 def _soft_ce_direction(student: Tensor, teacher: Tensor, saved: _Saved, plan: _Plan, chunk: slice) -> Tensor:
     """``q - p``."""
+    if saved.student_lse is None:  # no TP: see _soft_ce_forward_local
+        return _local_softmax(student, chunk, plan).sub_(_local_softmax(teacher, chunk, plan))
     q = _softmax_chunk(student, saved.student_lse, chunk, plan)
     return q.sub_(_softmax_chunk(teacher, saved.teacher_lse, chunk, plan))
 
