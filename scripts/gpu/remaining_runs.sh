@@ -31,6 +31,12 @@ for step in $steps; do
         model.path=runs/small_gpu_dapo_mtp/warm_start trainer.warm_start.enabled=false > "$out/e2e_nomtp.log" 2>&1
       mkdir -p "$out/nomtp"; cp runs/small_gpu_dapo_nomtp/{metrics.jsonl,summary.md} "$out/nomtp/" 2>/dev/null
       grep -m3 "weight sync\|Error" "$out/e2e_nomtp.log"; tail -n 14 "$out/nomtp/summary.md" ;;
+    rollout)  # measured rollout speed of the GPU-trained head (after e2e_mtp), k=0..3, one engine per k
+      for k in 0 1 2 3; do
+        timeout 150 python3 scripts/bench_rollout.py --model runs/small_gpu_dapo_mtp/hf_export --k $k \
+          --num-prompts 64 --max-tokens 128 --repeats 3 > "$out/bench_rollout_k$k.json" 2> "$out/bench_rollout_k$k.err"
+        tail -c 300 "$out/bench_rollout_k$k.json"; echo
+      done ;;
     tp2)  # two GPUs: DP=2 and TP=2 over NCCL (vs TP=1), the TP=2 draft-loss tests, then the
           # invariance tool at TP=2 for every draft loss and its negative control (issue 8 item 2)
       python3 -m pytest -q -p no:cacheprovider tests/workers/test_policy_parallel.py tests/mtp/test_losses.py \
@@ -40,6 +46,6 @@ for step in $steps; do
       done > "$out/invariance_tp2.jsonl"
       python3 -m skyrl_mtp.tools.check_policy_invariance --steps 5 --tp 2 --attach-output-layer 2>/dev/null | tail -1 \
         >> "$out/invariance_tp2.jsonl"; cut -c1-120 "$out/invariance_tp2.jsonl" ;;
-    *) echo "unknown step $step (ipc, e2e_mtp, e2e_nomtp, spec_k3, train_step, tp2)"; exit 2 ;;
+    *) echo "unknown step $step (ipc, e2e_mtp, e2e_nomtp, spec_k3, train_step, rollout, tp2)"; exit 2 ;;
   esac
 done

@@ -275,6 +275,18 @@ def test_refused_syncs_keep_the_previous_weights(group, checkpoints):
 
     with pytest.raises(RolloutEngineError, match="needs a CUDA engine.*use weight_transport=ray"):
         CudaIpcTransport(bucket_bytes=1 << 20).push(group.live_engines, good, version + 1)
+    # A bucket of the other transport is refused (and aborts the sync) before the worker sees it.
+    import ray
+
+    from skyrl_mtp.inference.cuda_ipc import IpcBucket, PieceSpec
+
+    actor = group.engine(0).actor
+    ray.get(actor.begin_weight_sync.remote(version + 2, "ray"))
+    spec = PieceSpec("model.norm.weight", torch.float32, (CFG.hidden_size,), 0, 0, (CFG.hidden_size,))
+    with pytest.raises(ray.exceptions.RayTaskError, match="a cuda_ipc bucket for a sync begun with ray"):
+        ray.get(actor.receive_ipc_bucket.remote(version + 2, 0, IpcBucket("GPU-none", (), 0, (spec,))))
+    with pytest.raises(ray.exceptions.RayTaskError, match="no weight sync for version"):
+        ray.get(actor.prepare_weight_sync.remote(version + 2))
 
     assert group.weight_version == version
     out = group.generate(PROMPTS, GREEDY)
