@@ -124,7 +124,11 @@ def main(argv: list[str] | None = None) -> None:
              _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         prompts = make_prompts(args.model, args.num_prompts, args.seed)
-        results = [bench_one(args, k, prompts) for k in ks]
+        results = []
+        for k in ks:
+            results.append(bench_one(args, k, prompts))
+            # One line per k on stderr: a run cut short (time limit) still leaves its finished k's.
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     finally:
         ray.shutdown()
     import vllm  # noqa: PLC0415 (version only; the engines ran in their own processes)
