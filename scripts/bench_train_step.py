@@ -89,14 +89,14 @@ def bench_model(args):
 def run_variant(args) -> dict:
     """One policy (MTP off or on) from the checkpoint at --model-path: step times and peak memory."""
     from skyrl_mtp.tools.check_policy_invariance import synthetic_batch
-    from skyrl_mtp.workers.config import MtpConfig, OptimConfig, PolicyLossConfig, PolicyWorkerConfig
+    from skyrl_mtp.config.schema import MegatronConfig, MtpConfig, OptimConfig
+    from skyrl_mtp.workers.config import PolicyWorkerConfig
     from skyrl_mtp.workers.policy import MegatronPolicy
 
-    base = PolicyWorkerConfig(model_path=args.model_path, micro_batch_size=args.micro_batch,
-                              params_dtype=args.dtype, optim=OptimConfig(lr=1e-5), loss=PolicyLossConfig(),
-                              mtp=MtpConfig(enabled=False))
-    mtp = MtpConfig(enabled=True, num_depths=args.depths, loss_type=args.loss_type,
-                    topk=args.topk if args.loss_type == "topk_soft_ce" else None, chunk_size=args.chunk_size)
+    base = PolicyWorkerConfig(model_path=args.model_path, optim=OptimConfig(lr=1e-5), mtp=MtpConfig(enabled=False),
+                              megatron=MegatronConfig(micro_batch_size=args.micro_batch, params_dtype=args.dtype,
+                                                      mtp_loss_chunk_size=args.chunk_size))
+    mtp = MtpConfig(enabled=True, num_speculative_tokens=args.depths, loss_type=args.loss_type, topk=args.topk)
     policy = MegatronPolicy(base if args.variant == "mtp_off" else replace(base, mtp=mtp))
     times = []
     for step in range(args.warmup + args.steps):

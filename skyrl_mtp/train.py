@@ -20,9 +20,16 @@ def to_config(cfg: DictConfig) -> Config:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
+    import sys
+
+    from skyrl_mtp.config.schema import ConfigError
     from skyrl_mtp.trainer.driver import RLTrainer
 
-    trainer = RLTrainer(to_config(cfg))
+    try:
+        trainer = RLTrainer(to_config(cfg))
+    except ConfigError as err:  # the list of problems, each with its fix: no traceback needed
+        print(err, file=sys.stderr)
+        sys.exit(2)
     try:
         trainer.run()
     finally:

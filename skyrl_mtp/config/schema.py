@@ -36,6 +36,23 @@ class OverlongConfig:
 
 
 @dataclass
+class GspoConfig:
+    """GSPO's own clip range on the sequence-level ratio (algorithm.policy_loss=gspo)."""
+
+    clip_eps_low: float = 3e-4
+    clip_eps_high: float = 4e-4
+
+
+@dataclass
+class TisConfig:
+    """Truncated importance sampling against the rollout engine's log-probs (skyrl_mtp.rl.tis)."""
+
+    enabled: bool = False
+    mode: str = "token"  # token | sequence
+    cap: float = 2.0
+
+
+@dataclass
 class AlgorithmConfig:
     name: str = "dapo"
     advantage_estimator: str = "grpo"
@@ -48,6 +65,8 @@ class AlgorithmConfig:
     use_kl_loss: bool = False
     kl_coef: float = 0.0
     kl_type: str = "low_var_kl"
+    gspo: GspoConfig = field(default_factory=GspoConfig)
+    tis: TisConfig = field(default_factory=TisConfig)
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
 
@@ -75,11 +94,36 @@ class DataConfig:
 
 
 @dataclass
-class MtpKnob:
+class OptimConfig:
+    """One Adam optimizer and its LR schedule: the policy's (trainer.optim) or the MTP head's
+    (trainer.mtp.optim)."""
+
+    optimizer: str = "adam"  # adam | sgd (plain SGD, no momentum: e.g. for exact reference checks)
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_warmup_steps: int = 0
+    lr_decay_style: str = "constant"  # constant | linear | cosine
+    lr_decay_steps: int = 1000
+
+
+@dataclass
+class MtpConfig:
+    """The one MTP knob: head training in Megatron (the decoupled draft loss, its own optimizer)
+    and drafting in vLLM (unless generator.speculative_config is set)."""
+
     enabled: bool = False
-    num_speculative_tokens: int = 1
+    num_speculative_tokens: int = 1  # = draft depths trained: depths beyond the head's layers reuse the last
     loss_type: str = "soft_ce"
     loss_weight: float = 1.0
+    topk: int = 32  # loss_type=topk_soft_ce: the teacher's top-k tokens
+    detach_shared_output: bool = True  # the draft loss does not train the (policy's) output layer
+    detach_embedding: bool = True  # ... nor the shared embedding
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3))
 
 
 @dataclass
@@ -95,9 +139,10 @@ class TrainerConfig:
     total_steps: int = 20
     train_batch_size: int = 16  # prompts per step
     n_samples_per_prompt: int = 4
-    lr: float = 1e-4
-    lr_warmup_steps: int = 0
-    clip_grad: float = 1.0
+    # PPO mini-batches: prompts (whole groups) per optimizer step; null: the whole batch, one step
+    ppo_mini_batch_size: Optional[int] = None
+    ppo_epochs: int = 1  # passes over the rollout batch
+    optim: OptimConfig = field(default_factory=OptimConfig)
     eval_every: int = 0  # steps; 0: only at the end
     eval_greedy: bool = True
     save_every: int = 5
@@ -106,10 +151,12 @@ class TrainerConfig:
     run_dir: str = "runs/default"
     seed: int = 1234
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl", "wandb"])
+    # Output of the Ray actors (vLLM, Megatron): "file" = run_dir/logs/<actor>.log, "console" = here
+    actor_output: str = "file"
     project_name: str = "skyrl_mtp"
     experiment_name: str = "default"
     wandb_mode: str = "offline"  # offline | online | disabled
-    mtp: MtpKnob = field(default_factory=MtpKnob)
+    mtp: MtpConfig = field(default_factory=MtpConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 
 
@@ -147,13 +194,7 @@ class MegatronConfig:
     num_cpus_per_worker: float = 1.0
     num_gpus_per_worker: float = 0.0
     threads_per_worker: int = 1
-    mtp_detach_shared_output: bool = True
-    mtp_detach_embedding: bool = True
-    mtp_loss_chunk_size: Optional[int] = None
-    mtp_topk: Optional[int] = None
-    mtp_lr: float = 3e-3
-    mtp_clip_grad: float = 1.0
-    mtp_warmup_steps: int = 0
+    mtp_loss_chunk_size: Optional[int] = None  # draft loss over vocabulary chunks (memory), null: one pass
 
 
 @dataclass
@@ -198,6 +239,19 @@ def resolve_weight_transport(cfg: Config) -> str:
     return "cuda_ipc" if single and _colocated(cfg) else "ray"
 
 
+def _check_optim(bad, key: str, optim: OptimConfig) -> None:
+    if optim.optimizer not in ("adam", "sgd"):
+        bad(f"{key}.optimizer", optim.optimizer, "use adam or sgd")
+    if optim.lr <= 0:
+        bad(f"{key}.lr", optim.lr, "must be > 0")
+    if optim.clip_grad <= 0:
+        bad(f"{key}.clip_grad", optim.clip_grad, "must be > 0 (gradients are clipped to this norm)")
+    if optim.lr_warmup_steps < 0:
+        bad(f"{key}.lr_warmup_steps", optim.lr_warmup_steps, "must be >= 0")
+    if optim.lr_decay_style not in ("constant", "linear", "cosine"):
+        bad(f"{key}.lr_decay_style", optim.lr_decay_style, "use constant, linear or cosine")
+
+
 def validate_config(cfg: Config) -> Config:
     """Raises ConfigError listing every invalid setting (key = value: why, and the fix)."""
     errors: list[str] = []
@@ -208,7 +262,9 @@ def validate_config(cfg: Config) -> Config:
     a, t, g, m, d = cfg.algorithm, cfg.trainer, cfg.generator, cfg.megatron, cfg.data
     if a.name not in KNOWN_ALGORITHMS:
         bad("algorithm.name", a.name, f"unknown algorithm; use one of {list(KNOWN_ALGORITHMS)}")
-    from skyrl_mtp.trainer.algorithms import known_advantage_estimators, known_policy_losses
+    from skyrl_mtp.rl.advantages import known_advantage_estimators
+    from skyrl_mtp.rl.policy_loss import known_policy_losses
+    from skyrl_mtp.rl.tis import TIS_MODES
 
     if a.advantage_estimator not in known_advantage_estimators():
         bad("algorithm.advantage_estimator", a.advantage_estimator, f"unknown; use one of {known_advantage_estimators()}")
@@ -222,6 +278,13 @@ def validate_config(cfg: Config) -> Config:
         bad("algorithm.clip_eps_high", a.clip_eps_high, "must be >= 0")
     if a.clip_ratio_c is not None and a.clip_ratio_c <= 1:
         bad("algorithm.clip_ratio_c", a.clip_ratio_c, "dual-clip constant must be > 1 (e.g. 3.0) or null")
+    if not (0 <= a.gspo.clip_eps_low < 1 and a.gspo.clip_eps_high >= 0):
+        bad("algorithm.gspo", (a.gspo.clip_eps_low, a.gspo.clip_eps_high),
+            "clip_eps_low must be in [0, 1) and clip_eps_high >= 0 (GSPO's paper: 3e-4 / 4e-4)")
+    if a.tis.mode not in TIS_MODES:
+        bad("algorithm.tis.mode", a.tis.mode, f"use one of {list(TIS_MODES)}")
+    if a.tis.cap <= 0:
+        bad("algorithm.tis.cap", a.tis.cap, "must be > 0 (e.g. 2.0: importance weights are truncated at it)")
     if a.use_kl_loss and a.kl_coef <= 0:
         bad("algorithm.kl_coef", a.kl_coef, "must be > 0 when algorithm.use_kl_loss=true")
     if a.dynamic_sampling.enabled and a.dynamic_sampling.max_rounds < 1:
@@ -239,16 +302,22 @@ def validate_config(cfg: Config) -> Config:
     elif a.advantage_estimator in ("grpo", "rloo") and t.n_samples_per_prompt < 2:
         bad("trainer.n_samples_per_prompt", t.n_samples_per_prompt,
             f"{a.advantage_estimator} normalises within a group of samples: use >= 2")
-    rollouts = t.train_batch_size * t.n_samples_per_prompt
-    if rollouts % m.dp_size:
-        bad("trainer.train_batch_size", t.train_batch_size,
-            f"train_batch_size * n_samples_per_prompt = {rollouts} must be divisible by megatron.dp_size={m.dp_size}")
+    mini = t.ppo_mini_batch_size
+    if mini is not None and not 1 <= mini <= t.train_batch_size:
+        bad("trainer.ppo_mini_batch_size", mini,
+            f"prompts per optimizer step must be in 1..trainer.train_batch_size={t.train_batch_size}, "
+            "or null for one step on the whole batch")
+    if t.ppo_epochs < 1:
+        bad("trainer.ppo_epochs", t.ppo_epochs, "must be >= 1")
+    _check_optim(bad, "trainer.optim", t.optim)
     if m.micro_batch_size < 1:
         bad("megatron.micro_batch_size", m.micro_batch_size, "must be >= 1")
     if t.resume not in ("auto", "none") and not Path(t.resume).is_dir():
         bad("trainer.resume", t.resume, "use auto, none, or an existing checkpoint directory")
     if t.keep_last_n < 1:
         bad("trainer.keep_last_n", t.keep_last_n, "must be >= 1 (the latest checkpoint is always kept)")
+    if t.actor_output not in ("file", "console"):
+        bad("trainer.actor_output", t.actor_output, "use file (run_dir/logs/) or console")
     if t.wandb_mode not in ("offline", "online", "disabled"):
         bad("trainer.wandb_mode", t.wandb_mode, "use offline, online or disabled")
     for logger in t.loggers:
@@ -261,8 +330,9 @@ def validate_config(cfg: Config) -> Config:
             bad("trainer.mtp.num_speculative_tokens", k.num_speculative_tokens, "must be >= 1 with MTP on")
         if k.loss_type not in LOSS_TYPES:
             bad("trainer.mtp.loss_type", k.loss_type, f"unknown draft loss; use one of {list(LOSS_TYPES)}")
-        if k.loss_type == "topk_soft_ce" and (m.mtp_topk is None or m.mtp_topk < 1):
-            bad("megatron.mtp_topk", m.mtp_topk, "must be >= 1 for trainer.mtp.loss_type=topk_soft_ce")
+        if k.loss_type == "topk_soft_ce" and k.topk < 1:
+            bad("trainer.mtp.topk", k.topk, "must be >= 1 for trainer.mtp.loss_type=topk_soft_ce")
+        _check_optim(bad, "trainer.mtp.optim", k.optim)
         if k.loss_weight <= 0:
             bad("trainer.mtp.loss_weight", k.loss_weight, "must be > 0")
         if m.pp_size > 1:

@@ -174,7 +174,15 @@ def llm_kwargs(config: RolloutConfig, device: str) -> dict[str, Any]:
                                         "num_speculative_tokens": config.num_speculative_tokens}
     if config.max_num_seqs is not None:
         kwargs["max_num_seqs"] = config.max_num_seqs
-    if config.max_num_batched_tokens is not None:
+    if device == "cpu":
+        # Whole prefills only. A prefill split over steps samples a token that is discarded, and
+        # vLLM then rewinds the request's generator with set_offset, which a seeded CPU generator
+        # refuses ("CPU Generator does not use offset"): the engine dies on the first large batch
+        # of seeded requests (STACK.md). The budget (vLLM's CPU default 4096, or the configured
+        # one) must fit any one prefill: at least max_model_len.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(config.max_model_len, config.max_num_batched_tokens or 4096)
+    elif config.max_num_batched_tokens is not None:
         kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
     if config.tensor_parallel_size > 1:
         # TP workers are processes of this actor (which Ray gave tensor_parallel_size GPUs).
@@ -225,6 +233,9 @@ class RolloutEngine:
     interleaves with a generation."""
 
     def __init__(self, config: RolloutConfig, engine_index: int):
+        from skyrl_mtp.logging.process_output import redirect_to_run_log
+
+        redirect_to_run_log(f"engine{engine_index}")
         start = time.perf_counter()
         self.config = config
         self.index = engine_index
@@ -299,9 +310,11 @@ class RolloutEngine:
     # -- generation ---------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-                 first_prompt_index: int = 0) -> EngineGeneration:
+                 first_prompt_index: int = 0, seeds: Sequence[int] | None = None) -> EngineGeneration:
         """Generates ``sampling.n`` continuations per prompt. ``first_prompt_index`` offsets the
-        ``prompt_index`` of the returned samples (the group passes each shard's global offset)."""
+        ``prompt_index`` of the returned samples (the group passes each shard's global offset).
+        ``seeds`` (one per prompt) give each request its own random stream instead of
+        ``sampling.seed``."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -311,9 +324,14 @@ class RolloutEngine:
         if not self._weights_consistent:
             raise RuntimeError(f"{self._name}: the last weight sync failed while applying weights; "
                                "the model is inconsistent until a weight sync succeeds")
-        params = SamplingParams(**sampling_params_kwargs(sampling))
         ids = validate_prompts(prompts, self.max_model_len, where=self._name, vocab_size=self.vocab_size,
                                first_index=first_prompt_index)
+        if seeds is None:
+            params = SamplingParams(**sampling_params_kwargs(sampling))
+        else:
+            if len(seeds) != len(ids):
+                raise ValueError(f"{self._name}: {len(seeds)} seeds for {len(ids)} prompts; pass one per prompt")
+            params = [SamplingParams(**sampling_params_kwargs(sampling.replace(seed=int(seed)))) for seed in seeds]
         start = time.perf_counter()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
         wall = time.perf_counter() - start

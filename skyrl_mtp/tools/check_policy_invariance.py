@@ -1,9 +1,10 @@
 """Check that MTP head training leaves the policy's update untouched, bitwise.
 
-    python -m skyrl_mtp.tools.check_policy_invariance --steps 5 [--loss-type soft_ce] [--model DIR] [--tp 2]
+    python -m skyrl_mtp.tools.check_policy_invariance --steps 5 [--mini-batches 4] [--loss-type soft_ce] [--model DIR] [--tp 2]
 
-Trains two copies of the same policy for K optimizer steps on identical batches, one with the
-decoupled MTP draft loss and one without, then compares every policy parameter. Prints JSON:
+Trains two copies of the same policy on identical batches, K batches of M PPO mini-batches (one
+optimizer step each, old log-probs computed once per batch), one with the decoupled MTP draft
+loss and one without, then compares every policy parameter. Prints JSON:
 ``{"identical": bool, "max_abs_diff": float, "mtp_loss_first": float, "mtp_loss_last": float, ...}``.
 Runs on one process (CPU or one GPU), or with ``--tp N`` on N processes in one tensor-parallel
 group (gloo on CPU, NCCL with one GPU per rank), where every rank compares its own shard and the
@@ -21,7 +22,8 @@ from pathlib import Path
 import torch
 
 from skyrl_mtp.mtp.losses import LOSS_TYPES
-from skyrl_mtp.workers.config import MtpConfig, OptimConfig, PolicyLossConfig, PolicyWorkerConfig
+from skyrl_mtp.config.schema import AlgorithmConfig, MegatronConfig, MtpConfig, OptimConfig
+from skyrl_mtp.workers.config import PolicyWorkerConfig
 
 
 def synthetic_batch(step: int, vocab: int, batch: int, seq: int, prompt_len: int) -> dict[str, torch.Tensor]:
@@ -48,13 +50,13 @@ def run(args, rank: int = 0, world_size: int = 1, master_port: int | None = None
 
     model = args.model or random_tiny_checkpoint(args.seed)
     base = PolicyWorkerConfig(
-        model_path=model, tp_size=world_size, micro_batch_size=args.micro_batch_size, params_dtype=args.dtype,
-        optim=OptimConfig(lr=args.lr, clip_grad=1.0),
-        loss=PolicyLossConfig(clip_eps_low=0.2, clip_eps_high=0.28, temperature=1.0),
-        mtp=MtpConfig(enabled=False))
-    mtp_cfg = MtpConfig(enabled=True, num_depths=args.num_depths, loss_type=args.loss_type,
-                        topk=args.topk if args.loss_type == "topk_soft_ce" else None,
-                        chunk_size=args.chunk_size, optim=OptimConfig(lr=args.head_lr, clip_grad=1.0),
+        model_path=model, temperature=1.0,
+        megatron=MegatronConfig(tp_size=world_size, micro_batch_size=args.micro_batch_size, params_dtype=args.dtype,
+                                mtp_loss_chunk_size=args.chunk_size),
+        algorithm=AlgorithmConfig(clip_eps_low=0.2, clip_eps_high=0.28),
+        optim=OptimConfig(lr=args.lr, clip_grad=1.0), mtp=MtpConfig(enabled=False))
+    mtp_cfg = MtpConfig(enabled=True, num_speculative_tokens=args.num_depths, loss_type=args.loss_type,
+                        topk=args.topk, optim=OptimConfig(lr=args.head_lr, clip_grad=1.0),
                         # a negative control: an attached output layer lets the draft loss train the policy
                         detach_shared_output=not args.attach_output_layer)
     dist = dict(rank=rank, world_size=world_size, master_port=master_port)
@@ -64,16 +66,21 @@ def run(args, rank: int = 0, world_size: int = 1, master_port: int | None = None
     mtp_losses = []
     for step in range(args.steps):
         batch = synthetic_batch(step, min(vocab, 300), args.batch_size, args.seq_len, args.prompt_len)
-        # Old log-probs from the MTP-off copy (the on-policy value both copies would use).
+        # Old log-probs from the MTP-off copy (the on-policy value both copies would use), once
+        # per rollout batch; then one optimizer step per mini-batch, as the RL driver does.
         batch["old_logprobs"] = without.compute_logprobs(batch)["logprobs"]
-        on = with_mtp.train_step(batch)
-        without.train_step(batch)
-        mtp_losses.append(on["mtp/loss"])
+        per = args.batch_size // args.mini_batches
+        for start in range(0, args.batch_size, per):
+            mini = {k: v[start:start + per] for k, v in batch.items()}
+            on = with_mtp.train_step(mini)
+            without.train_step(mini)
+            mtp_losses.append(on["mtp/loss"])
     a, b = with_mtp.policy_state(), without.policy_state()
     diffs = [(a[k].double() - b[k].double()).abs().max().item() for k in a]
     identical = all(torch.equal(a[k], b[k]) for k in a) and set(a) == set(b)
     return {"identical": identical, "max_abs_diff": max(diffs), "mtp_loss_first": mtp_losses[0],
-            "mtp_loss_last": mtp_losses[-1], "steps": args.steps, "loss_type": args.loss_type,
+            "mtp_loss_last": mtp_losses[-1], "steps": args.steps, "mini_batches": args.mini_batches,
+            "optimizer_steps": args.steps * args.mini_batches, "loss_type": args.loss_type,
             "num_policy_tensors": len(a), "tp": world_size, **runtime_facts()}
 
 
@@ -146,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--chunk-size", type=int, default=None)
     parser.add_argument("--model", default=None, help="HF mimo checkpoint (default: a random tiny one)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--mini-batches", type=int, default=4, help="optimizer steps per batch (PPO mini-batches)")
+    parser.add_argument("--micro-batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -161,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     if args.tp < 1:
         parser.error(f"--tp must be >= 1, got {args.tp}")
+    if args.mini_batches < 1 or args.batch_size % args.mini_batches:
+        parser.error(f"--mini-batches={args.mini_batches} must be >= 1 and divide --batch-size={args.batch_size}")
     report = run(args) if args.tp == 1 else run_tensor_parallel(args)
     print(json.dumps(report))
     return report

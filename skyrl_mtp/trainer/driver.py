@@ -1,8 +1,9 @@
 """The RL loop: one readable function per phase, run by :class:`RLTrainer`.
 
-Per step: generate (vLLM, drafting with the policy's MTP head) -> rewards -> dynamic sampling ->
-old and reference log-probs (Megatron) -> advantages -> policy + draft update -> weight sync
-(policy and draft head into every engine) -> metrics -> checkpoint.
+Per step: rollout (vLLM drafting with the policy's MTP head -> rewards -> dynamic sampling;
+trainer/rollout.py) -> advantages -> old and reference log-probs (Megatron) -> one policy + draft
+head optimizer step per PPO mini-batch -> weight sync (policy and draft head into every engine)
+-> metrics -> checkpoint.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Any
 import torch
 
 from skyrl_mtp.config.schema import Config, resolve_weight_transport, validate_config
-from skyrl_mtp.trainer.batch import build_batch
 from skyrl_mtp.trainer.checkpoint import CheckpointManager, check_compatible
 
 
@@ -80,22 +80,12 @@ class RLTrainer:
         return k.num_speculative_tokens if k.enabled else None
 
     def policy_worker_config(self, model_path: Path):
-        from skyrl_mtp.workers.config import MtpConfig, OptimConfig, PolicyLossConfig, PolicyWorkerConfig
+        from skyrl_mtp.workers.config import PolicyWorkerConfig
 
-        a, t, mg = self.cfg.algorithm, self.cfg.trainer, self.cfg.megatron
-        return PolicyWorkerConfig(
-            model_path=str(model_path), tp_size=mg.tp_size, pp_size=mg.pp_size, cp_size=mg.cp_size,
-            micro_batch_size=mg.micro_batch_size, params_dtype=mg.params_dtype, seed=t.seed,
-            optim=OptimConfig(lr=t.lr, clip_grad=t.clip_grad, lr_warmup_steps=t.lr_warmup_steps),
-            loss=PolicyLossConfig(policy_loss=a.policy_loss, clip_eps_low=a.clip_eps_low, clip_eps_high=a.clip_eps_high,
-                                  clip_ratio_c=a.clip_ratio_c, loss_agg_mode=a.loss_agg_mode,
-                                  kl_coef=a.kl_coef if a.use_kl_loss else 0.0, kl_type=a.kl_type,
-                                  temperature=self.cfg.generator.temperature),
-            mtp=MtpConfig(enabled=t.mtp.enabled, num_depths=t.mtp.num_speculative_tokens, loss_type=t.mtp.loss_type,
-                          loss_weight=t.mtp.loss_weight, topk=mg.mtp_topk, chunk_size=mg.mtp_loss_chunk_size,
-                          detach_shared_output=mg.mtp_detach_shared_output, detach_embedding=mg.mtp_detach_embedding,
-                          optim=OptimConfig(lr=mg.mtp_lr, clip_grad=mg.mtp_clip_grad,
-                                            lr_warmup_steps=mg.mtp_warmup_steps)))
+        c = self.cfg
+        return PolicyWorkerConfig(model_path=str(model_path), megatron=c.megatron, algorithm=c.algorithm,
+                                  optim=c.trainer.optim, mtp=c.trainer.mtp, temperature=c.generator.temperature,
+                                  seed=c.trainer.seed)
 
     def rollout_config(self, model_path: Path):
         from skyrl_mtp.inference.config import RolloutConfig
@@ -124,19 +114,6 @@ class RLTrainer:
                      if d.eval_path else [])
         return PromptDataset(train, t.train_batch_size, seed=d.seed), evals
 
-    def encode_prompt(self, prompt) -> list[int]:
-        if isinstance(prompt, list):  # chat messages
-            ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-        elif self.cfg.data.apply_chat_template:
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                     add_generation_prompt=True, tokenize=True)
-        else:
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        ids = list(ids)
-        if len(ids) > self.cfg.data.max_prompt_length:
-            ids = ids[-self.cfg.data.max_prompt_length:]  # keep the end: that is where the question is
-        return ids
-
     def local_ray_cpus(self) -> int | None:
         """Logical CPUs of a local Ray: at least what the configured actors ask for, so a small
         machine never leaves an actor unschedulable (Ray's CPUs are a scheduling count only)."""
@@ -156,12 +133,17 @@ class RLTrainer:
 
         from skyrl_mtp.inference.group import RolloutEngineGroup
         from skyrl_mtp.rewards.registry import get_reward
+        from skyrl_mtp.trainer.rollout import RolloutCollector
         from skyrl_mtp.workers.actors import WorkerGroup, ray_init_local
 
         c = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(asdict(c), indent=2, default=str))
-        ray_init_local(num_cpus=self.local_ray_cpus(), address=c.ray.address, dashboard=c.ray.dashboard)
+        actor_logs = self.run_dir / "logs" if c.trainer.actor_output == "file" else None
+        ray_init_local(num_cpus=self.local_ray_cpus(), address=c.ray.address, dashboard=c.ray.dashboard,
+                       actor_log_dir=str(actor_logs.resolve()) if actor_logs else None)
+        if actor_logs:
+            _log(f"vLLM / Megatron / Ray actor output: {actor_logs}/")
         self.model_path = self.resolve_model()
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
         self.reward_fn = get_reward(c.data.reward)
@@ -176,6 +158,7 @@ class RLTrainer:
                                    num_cpus_per_worker=mg.num_cpus_per_worker,
                                    num_gpus_per_worker=mg.num_gpus_per_worker, num_threads=mg.threads_per_worker)
         self.engines = RolloutEngineGroup(self.rollout_config(self.model_path))
+        self.rollouts = RolloutCollector(c, self.engines, self.train_data, self.tokenizer, self.reward_fn)
         _log(f"weight sync: {self.engines.transport.name} transport, buckets of {c.generator.weight_sync_bucket_mb} MB")
 
     def maybe_resume(self) -> None:
@@ -200,104 +183,37 @@ class RLTrainer:
                 "tp_size": c.megatron.tp_size, "dp_size": c.megatron.dp_size}
 
     # ------------------------------------------------------------------ one step
-    def sampling(self, eval_mode: bool = False):
-        from skyrl_mtp.inference.config import SamplingConfig
-
-        g = self.cfg.generator
-        if eval_mode:
-            temp = 0.0 if self.cfg.trainer.eval_greedy else g.eval_temperature
-            return SamplingConfig(temperature=temp, top_p=1.0, max_tokens=g.max_response_length, n=1,
-                                  stop_token_ids=(self.tokenizer.eos_token_id,), seed=self.cfg.trainer.seed)
-        return SamplingConfig(temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_response_length,
-                              n=self.cfg.trainer.n_samples_per_prompt,
-                              stop_token_ids=(self.tokenizer.eos_token_id,),
-                              seed=self.cfg.trainer.seed + self.step)
-
-    def score(self, examples, samples) -> tuple[list[float], list[dict]]:
-        rows, rewards = [], []
-        a, g = self.cfg.algorithm, self.cfg.generator
-        for group, (example, per_prompt) in enumerate(zip(examples, samples)):
-            for s in per_prompt:
-                text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
-                reward = float(self.reward_fn(text, example["answer"], **example.get("extra", {})))
-                rows.append({"group": group, "sample": s, "task_reward": reward})
-                rewards.append(reward)
-        if a.overlong.buffer_len > 0:
-            from skyrl_mtp.trainer.algorithms import overlong_penalty
-
-            penalty = overlong_penalty([len(r["sample"].token_ids) for r in rows], g.max_response_length,
-                                       a.overlong.buffer_len, a.overlong.penalty_factor)
-            rewards = [r + float(p) for r, p in zip(rewards, penalty)]
-        return rewards, rows
-
-    def collect_rollouts(self) -> tuple[list[dict], list[float], dict[str, float]]:
-        """Generate until the batch holds train_batch_size informative groups (DAPO dynamic
-        sampling) or the rounds run out; without dynamic sampling, one round."""
-        from skyrl_mtp.trainer.dynamic_sampling import DynamicSampler
-
-        ds = self.cfg.algorithm.dynamic_sampling
-        sampler = DynamicSampler(self.cfg.trainer.train_batch_size, ds.max_rounds if ds.enabled else 1)
-        all_task_rewards = []
-        while True:
-            examples = self.train_data.next_batch()
-            prompts = [self.encode_prompt(e["prompt"]) for e in examples]
-            samples = self.engines.generate(prompts, self.sampling())
-            rewards, rows = self.score(examples, samples)
-            for r in rows:
-                r["prompt_ids"] = prompts[r["group"]]
-            all_task_rewards += [r["task_reward"] for r in rows]
-            if not ds.enabled:
-                return rows, rewards, {"reward/mean": sum(all_task_rewards) / len(all_task_rewards)}
-            if sampler.add(rewards, [r["group"] for r in rows], samples=list(zip(rows, rewards))):
-                break
-        result = sampler.result()
-        metrics = dict(result.metrics)
-        metrics["reward/mean"] = sum(all_task_rewards) / len(all_task_rewards)
-        if not result.samples:
-            return [], [], metrics
-        kept_rows = [dict(row, group=int(g)) for (row, _), g in zip(result.samples, result.group_index.tolist())]
-        return kept_rows, [rw for _, rw in result.samples], metrics
-
-    def make_batch(self, rows, rewards) -> dict[str, torch.Tensor]:
-        from skyrl_mtp.trainer.algorithms import AdvantageConfig, compute_advantages, overlong_filter_mask
-
-        a = self.cfg.algorithm
-        dp = self.cfg.megatron.dp_size
-        keep = len(rows) - len(rows) % dp  # the batch must split evenly over data-parallel ranks
-        adv = compute_advantages(torch.tensor(rewards), group_ids=[r["group"] for r in rows],
-                                 config=AdvantageConfig(estimator=a.advantage_estimator,
-                                                        norm_by_std=a.norm_adv_by_std))[:keep]
-        rows = rows[:keep]
-        batch = build_batch([r["prompt_ids"] for r in rows], [r["sample"].token_ids for r in rows],
-                            pad_id=self.tokenizer.pad_token_id or 0)
-        if a.overlong.filter:
-            batch["loss_mask"] *= overlong_filter_mask([r["sample"].finish_reason for r in rows])[:, None]
-        batch["advantages"] = adv[:, None] * batch["loss_mask"]
-        return batch
-
     def train_step(self) -> dict[str, float]:
+        """Rollout -> advantages -> old / reference log-probs -> one optimizer step per PPO
+        mini-batch -> weight sync."""
+        from skyrl_mtp.trainer.minibatch import rollout_tensors
+
         timings = {}
         t0 = time.time()
         self.engines.metrics.start("train")
-        rows, rewards, metrics = self.collect_rollouts()
+        batch = self.rollouts.collect(self.step)
         window = self.engines.metrics.stop("train")
+        metrics = dict(batch.metrics)
         metrics.update(window if self.speculative_tokens() else _without_draft_metrics(window))
         timings["timing/generate_s"] = time.time() - t0
-        if not rows:
+        if not batch.rollouts:
             _log(f"step {self.step + 1}: no informative groups after dynamic sampling; skipping the update")
             return {**metrics, **timings}
-        lengths = [len(r["sample"].token_ids) for r in rows]
+        lengths = [len(r.sample.token_ids) for r in batch.rollouts]
         metrics.update({"response/length_mean": sum(lengths) / len(lengths),
-                        "response/truncated_frac": sum(r["sample"].finish_reason == "length" for r in rows) / len(rows),
-                        "reward/shaped_mean": sum(rewards) / len(rewards)})
-        batch = self.make_batch(rows, rewards)
+                        "response/truncated_frac": sum(r.sample.finish_reason == "length" for r in batch.rollouts)
+                        / len(batch),
+                        "reward/shaped_mean": sum(r.reward for r in batch.rollouts) / len(batch)})
+        tensors = rollout_tensors(batch, self.cfg.algorithm, pad_id=self.tokenizer.pad_token_id or 0)
+        steps = self.mini_batches(batch)
         t1 = time.time()
-        batch["old_logprobs"] = self.policy.compute_logprobs(batch)["logprobs"]
+        if len(steps) > 1:  # later mini-batches need the log-probs of the rollout's weights
+            tensors["old_logprobs"] = self.policy.compute_logprobs(tensors)["logprobs"]
         if self.ref is not None:
-            batch["ref_logprobs"] = self.ref.compute_logprobs(batch)["logprobs"]
+            tensors["ref_logprobs"] = self.ref.compute_logprobs(tensors)["logprobs"]
         timings["timing/logprobs_s"] = time.time() - t1
         t2 = time.time()
-        metrics.update(self.policy.train_step(batch))
+        metrics.update(self.update_policy(tensors, steps))
         timings["timing/train_s"] = time.time() - t2
         t3 = time.time()
         stats = self.sync_engine_weights(version=self.step + 2, timings=timings)
@@ -306,6 +222,36 @@ class RLTrainer:
             timings["timing/weight_apply_s"] = max(applied)
         timings["timing/weight_sync_s"] = time.time() - t3
         return {**metrics, **timings}
+
+    def mini_batches(self, batch) -> list[list[int]]:
+        """Rows of each optimizer step: trainer.ppo_epochs passes over the batch, shuffled into
+        trainer.ppo_mini_batch_size groups each (seeded by the run seed and step: resumable)."""
+        from skyrl_mtp.trainer.minibatch import mini_batch_rows
+
+        t = self.cfg.trainer
+        generator = torch.Generator().manual_seed(t.seed * 1_000_003 + self.step)
+        return mini_batch_rows(batch, t.ppo_mini_batch_size, epochs=t.ppo_epochs, generator=generator)
+
+    def update_policy(self, tensors: dict[str, torch.Tensor], steps: list[list[int]]) -> dict[str, float]:
+        """One optimizer step (policy and MTP head) per mini-batch; metrics averaged over the steps."""
+        from skyrl_mtp.trainer.minibatch import select_rows
+
+        per_step = []
+        for rows in steps:
+            mini = select_rows(tensors, rows)
+            if not mini["loss_mask"].any():  # e.g. every response overlong-filtered: nothing to learn
+                continue
+            per_step.append(self.policy.train_step(mini))
+        if not per_step:
+            return {"policy/optimizer_steps": 0.0}
+        keys = set().union(*per_step)
+        out = {k: sum(m[k] for m in per_step if k in m) / sum(k in m for m in per_step) for k in keys}
+        for k in keys:
+            if k.endswith("_max"):
+                out[k] = max(m[k] for m in per_step if k in m)
+        out["policy/lr"] = per_step[-1]["policy/lr"]
+        out["policy/optimizer_steps"] = float(len(per_step))
+        return out
 
     def sync_engine_weights(self, version: int, timings: dict[str, float] | None = None):
         """Policy (+ draft head) -> every engine, as weight ``version``. Ray transport: exported to
@@ -341,13 +287,11 @@ class RLTrainer:
         if not self.eval_examples:
             return {}
         self.engines.metrics.start("eval")
-        prompts = [self.encode_prompt(e["prompt"]) for e in self.eval_examples]
-        samples = self.engines.generate(prompts, self.sampling(eval_mode=True))
+        rollouts = self.rollouts.evaluate(self.eval_examples)
         metrics = self.engines.metrics.stop("eval")
         if not self.speculative_tokens():
             metrics = _without_draft_metrics(metrics)
-        _, rows = self.score(self.eval_examples, samples)
-        rewards = [r["task_reward"] for r in rows]  # eval reports the task reward, without shaping
+        rewards = [r.task_reward for r in rollouts]  # eval reports the task reward, without shaping
         metrics["eval/reward_mean"] = sum(rewards) / len(rewards)
         metrics["eval/exact_match"] = sum(r >= 1.0 for r in rewards) / len(rewards)
         return metrics

@@ -17,8 +17,9 @@ import torch
 
 from skyrl_mtp.models.checkpoint import load_hf_state_dict, save_hf_checkpoint
 from skyrl_mtp.models.mimo import MimoConfig
-from skyrl_mtp.trainer.batch import build_batch
-from skyrl_mtp.workers.config import MtpConfig, OptimConfig, PolicyLossConfig, PolicyWorkerConfig
+from skyrl_mtp.trainer.minibatch import build_batch
+from skyrl_mtp.config.schema import AlgorithmConfig, MegatronConfig, MtpConfig, OptimConfig
+from skyrl_mtp.workers.config import PolicyWorkerConfig
 
 MARKER = "warm_start.json"
 
@@ -36,10 +37,11 @@ def warm_start(init_path: str | Path, out_dir: str | Path, *, steps: int, batch_
     if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
         log(f"warm start: reusing {out}")
         return out
-    cfg = PolicyWorkerConfig(model_path=str(init_path), micro_batch_size=batch_size, seed=seed, params_dtype=params_dtype,
+    cfg = PolicyWorkerConfig(model_path=str(init_path), seed=seed,
+                             megatron=MegatronConfig(micro_batch_size=batch_size, params_dtype=params_dtype),
                              optim=OptimConfig(lr=lr, lr_warmup_steps=min(20, steps // 10),
                                                lr_decay_style="cosine", lr_decay_steps=steps, min_lr=lr / 10),
-                             loss=PolicyLossConfig(policy_loss="sft", loss_agg_mode="token_mean"),
+                             algorithm=AlgorithmConfig(policy_loss="sft", loss_agg_mode="token_mean"),
                              mtp=MtpConfig(enabled=False))
     group = WorkerGroup(cfg, dp_size=1, num_cpus_per_worker=num_cpus_per_worker, num_gpus_per_worker=num_gpus_per_worker,
                         num_threads=threads, name="warm_start")
@@ -51,8 +53,7 @@ def warm_start(init_path: str | Path, out_dir: str | Path, *, steps: int, batch_
         prompts = [tokenizer.encode(p, add_special_tokens=False) for p, _ in chunk]
         responses = [tokenizer.encode(r, add_special_tokens=False) + [eos] for _, r in chunk]
         batch = build_batch(prompts, responses, pad_id=tokenizer.pad_token_id)
-        batch["old_logprobs"] = torch.zeros_like(batch["loss_mask"])
-        batch["advantages"] = torch.ones_like(batch["loss_mask"])
+        batch["advantages"] = torch.ones_like(batch["loss_mask"])  # unused by the sft loss
         metrics = group.train_step(batch)
         if step % 25 == 0 or step == steps - 1:
             log(f"warm start: step {step + 1}/{steps} nll={metrics['policy/loss']:.3f} ({time.time() - start:.0f}s)")

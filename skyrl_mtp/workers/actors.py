@@ -20,6 +20,9 @@ from skyrl_mtp.workers.config import PolicyWorkerConfig
 class _PolicyActor:
     def __init__(self, cfg: PolicyWorkerConfig, rank: int, world_size: int, master_addr: str, master_port: int,
                  trainable: bool, num_threads: int | None):
+        from skyrl_mtp.logging.process_output import redirect_to_run_log
+
+        redirect_to_run_log(f"{'policy' if trainable else 'ref'}_rank{rank}")
         if num_threads:
             torch.set_num_threads(num_threads)
         from skyrl_mtp.workers.policy import MegatronPolicy
@@ -105,7 +108,7 @@ class WorkerGroup:
     def __init__(self, cfg: PolicyWorkerConfig, *, dp_size: int = 1, trainable: bool = True,
                  num_cpus_per_worker: float = 1.0, num_gpus_per_worker: float = 0.0,
                  num_threads: int | None = None, name: str = "policy", startup_timeout_s: float = 900.0):
-        world = dp_size * cfg.tp_size * cfg.pp_size
+        world = dp_size * cfg.megatron.tp_size * cfg.megatron.pp_size
         actor_cls = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker)(_PolicyActor)
         master_addr = _node_ip() if world > 1 else "127.0.0.1"
         from skyrl_mtp.megatron.parallel import free_port
@@ -124,10 +127,15 @@ class WorkerGroup:
         self.dp_size = self.layouts[0]["dp_size"]
 
     def _shards(self, batch: dict[str, torch.Tensor]):
+        """Contiguous, equal shards per DP rank (all TP ranks of a DP rank get the same one). A
+        batch whose rows do not divide by dp_size is padded with rows that count nowhere (all
+        zeros, loss_mask 0): groups are never cut and fewer rows than ranks still work, since
+        the workers normalise by global counts."""
         n = batch["input_ids"].shape[0]
-        if n % self.dp_size:
-            raise ValueError(f"{self.name}: batch of {n} sequences does not split over dp_size={self.dp_size}")
-        per = n // self.dp_size
+        per = -(-n // self.dp_size)
+        if per * self.dp_size != n:
+            extra = per * self.dp_size - n
+            batch = {k: torch.cat([v, v.new_zeros((extra, *v.shape[1:]))]) for k, v in batch.items()}
         for layout in self.layouts:
             r = layout["dp_rank"]
             yield {k: v[r * per:(r + 1) * per] for k, v in batch.items()}
@@ -137,11 +145,13 @@ class WorkerGroup:
         return ray.get(refs)
 
     def compute_logprobs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        n = batch["input_ids"].shape[0]
         results = self._call("compute_logprobs", batch)
         by_dp = {lay["dp_rank"]: res for res, lay in zip(results, self.layouts) if lay["tp_rank"] == 0}
-        return {k: torch.cat([by_dp[r][k] for r in range(self.dp_size)]) for k in by_dp[0]}
+        return {k: torch.cat([by_dp[r][k] for r in range(self.dp_size)])[:n] for k in by_dp[0]}
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One optimizer step on `batch` (one PPO mini-batch), split over the DP ranks."""
         return self._call("train_step", batch)[0]
 
     def export_hf_weights(self) -> dict[str, torch.Tensor]:
@@ -181,14 +191,22 @@ class WorkerGroup:
         self.actors = []
 
 
-def ray_init_local(num_cpus: int | None = None, address: str | None = None, dashboard: bool = False) -> None:
-    """Local Ray by default (dashboard off, or on loopback), or attach to `address` for a cluster."""
+def ray_init_local(num_cpus: int | None = None, address: str | None = None, dashboard: bool = False,
+                   actor_log_dir: str | None = None) -> None:
+    """Local Ray by default (dashboard off, or on loopback), or attach to `address` for a cluster.
+    With `actor_log_dir`, every actor writes its output to a file there instead of the console
+    (skyrl_mtp.logging.process_output)."""
     if ray.is_initialized():
         return
+    from skyrl_mtp.logging.process_output import ACTOR_LOG_DIR_ENV
+
+    quiet = actor_log_dir is not None
+    runtime_env = {"env_vars": {ACTOR_LOG_DIR_ENV: str(actor_log_dir)}} if quiet else None
     if address:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=not quiet)
         return
     os.environ.pop("RAY_ADDRESS", None)
     # A local cluster lives on loopback only: its GCS, raylet, object store and (optional) dashboard.
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
+             _node_ip_address="127.0.0.1", log_to_driver=not quiet, configure_logging=False,
+             runtime_env=runtime_env)

@@ -6,7 +6,8 @@
 1. computes the policy's token log-probabilities at the rollout temperature (vocab-parallel);
 2. in ``"logprobs"`` mode returns them (old / reference log-probabilities, no graph kept);
 3. in ``"train"`` mode builds the policy loss (PPO-style clipped surrogate with separate low/high
-   epsilons, optional dual clip, token/sequence aggregation, optional KL to a reference), and,
+   epsilons, optional dual clip, or GSPO; token/sequence aggregation; optional KL to a reference;
+   optional truncated importance sampling against the rollout engine's log-probs), and,
    when MTP is on, the draft loss: the MTP head replayed on the *detached* trunk
    (``skyrl_mtp.mtp.replay``) distils the policy's detached next-token distribution, depth by
    depth. Nothing of the draft loss reaches a policy parameter, so the policy's gradient is the
@@ -24,9 +25,12 @@ from typing import Any
 
 import torch
 
+from skyrl_mtp.config.schema import AlgorithmConfig
 from skyrl_mtp.mtp.losses import draft_loss, shift_mask
-from skyrl_mtp.trainer.algorithms import aggregate_loss, compute_policy_loss, kl_penalty
 from skyrl_mtp.mtp.replay import MtpCapture, mtp_logits, replay_mtp
+from skyrl_mtp.rl.kl import kl_penalty
+from skyrl_mtp.rl.policy_loss import aggregate_loss, compute_policy_loss
+from skyrl_mtp.rl.tis import mismatch_stats, truncated_is_weights
 from skyrl_mtp.workers.vocab_parallel import token_logprobs_and_entropy
 
 
@@ -65,13 +69,12 @@ class ObjectiveContext:
     temperature: float = 1.0
     tp_group: Any = None
     # train mode
-    old_logprobs: torch.Tensor | None = None
+    algorithm: AlgorithmConfig | None = None  # the policy loss, KL and TIS settings
+    old_logprobs: torch.Tensor | None = None  # None: this forward's own, detached (one step per rollout)
     advantages: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
-    policy_loss_config: Any = None  # skyrl_mtp.trainer.algorithms.PolicyLossConfig
+    rollout_logprobs: torch.Tensor | None = None  # the engine's log-probs of the sampled tokens
     normalizer: float = 1.0  # global tokens (token_mean) or sequences (seq_*) / dp_size
-    kl_coef: float = 0.0
-    kl_type: str = "low_var_kl"
     draft: DraftObjective | None = None
     draft_normalizers: list[float] = field(default_factory=list)  # per depth: global draft tokens / dp
 
@@ -90,17 +93,27 @@ def rl_output_processor(*, hidden_states, output_layer, output_weight, input_ids
         raise ValueError(f"ObjectiveContext.mode must be 'logprobs' or 'train', got {ctx.mode!r}")
 
     mask = ctx.loss_mask
-    lcfg = ctx.policy_loss_config
-    norm = {"num_tokens" if lcfg.loss_agg_mode == "token_mean" else "num_seqs": ctx.normalizer}
-    policy_loss, metrics = compute_policy_loss(logprobs, ctx.old_logprobs, ctx.advantages, mask, lcfg, **norm)
+    algo = ctx.algorithm
+    old = ctx.old_logprobs if ctx.old_logprobs is not None else logprobs.detach()
+    norm = {"num_tokens" if algo.loss_agg_mode == "token_mean" else "num_seqs": ctx.normalizer}
     tokens = mask.sum()
     stats = {"entropy_sum": (entropy * mask).sum(), "mask_sum": tokens}
+    maxima = {}
+    weights = None
+    if ctx.rollout_logprobs is not None:
+        tis = algo.tis
+        if tis.enabled:
+            weights = truncated_is_weights(old, ctx.rollout_logprobs, mask, mode=tis.mode, cap=tis.cap)
+        mismatch_sums, maxima = mismatch_stats(old, ctx.rollout_logprobs, mask, weights,
+                                               tis.cap if tis.enabled else None)
+        stats.update(mismatch_sums)
+    policy_loss, metrics = compute_policy_loss(logprobs, old, ctx.advantages, mask, algo, token_weights=weights,
+                                               **norm)
     for name, value in metrics.items():  # token means of this micro-batch -> token sums
-        if name != "policy/loss":
-            stats[name] = value * tokens
-    if ctx.kl_coef and ctx.ref_logprobs is not None:
-        kl = kl_penalty(logprobs, ctx.ref_logprobs, ctx.kl_type)
-        policy_loss = policy_loss + ctx.kl_coef * aggregate_loss(kl, mask, lcfg.loss_agg_mode, **norm)
+        stats[name] = value * tokens
+    if algo.use_kl_loss and ctx.ref_logprobs is not None:
+        kl = kl_penalty(logprobs, ctx.ref_logprobs, algo.kl_type)
+        policy_loss = policy_loss + algo.kl_coef * aggregate_loss(kl, mask, algo.loss_agg_mode, **norm)
         stats["kl_sum"] = (kl.detach() * mask).sum()
 
     total = policy_loss
@@ -109,7 +122,8 @@ def rl_output_processor(*, hidden_states, output_layer, output_weight, input_ids
         total_draft, draft_terms = _draft_losses(ctx, logits, hidden_states, output_layer, output_weight,
                                                  input_ids, position_ids, attention_mask, packed_seq_params)
         total = total + total_draft
-    return {"loss": total, "policy_loss": policy_loss.detach(), "draft": draft_terms, "stats": stats}
+    return {"loss": total, "policy_loss": policy_loss.detach(), "draft": draft_terms, "stats": stats,
+            "maxima": maxima}
 
 
 def _draft_losses(ctx: ObjectiveContext, policy_logits, hidden_states, output_layer, output_weight,

@@ -26,7 +26,8 @@ from skyrl_mtp.megatron.model_builder import BuildOptions, build_device, build_m
 from skyrl_mtp.models.checkpoint import load_hf_state_dict
 from skyrl_mtp.models.mimo import MimoConfig
 from skyrl_mtp.mtp.replay import MtpCapture
-from skyrl_mtp.workers.config import OptimConfig, PolicyWorkerConfig
+from skyrl_mtp.config.schema import OptimConfig
+from skyrl_mtp.workers.config import PolicyWorkerConfig
 from skyrl_mtp.workers.objective import DraftObjective, ObjectiveContext, rl_output_processor
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -42,7 +43,7 @@ def _make_optimizer(module, config, optim: OptimConfig, params_dtype):
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False), module)
     opt = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+        optimizer=optim.optimizer, sgd_momentum=0.0, lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
         adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
         clip_grad=optim.clip_grad, bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype), [ddp])
     sched = OptimizerParamScheduler(
@@ -78,13 +79,14 @@ class MegatronPolicy:
         cfg.validate(self.model_cfg.num_mtp_layers)  # before any process group or model exists
         self.mtp_on = cfg.mtp.enabled and trainable
         hf = load_hf_state_dict(cfg.model_path)
-        bridge = make_bridge(self.model_cfg, tp_size=cfg.tp_size)
+        mg = cfg.megatron
+        bridge = make_bridge(self.model_cfg, tp_size=mg.tp_size)
         full = bridge.hf_to_megatron(hf, with_mtp=self.mtp_on, source=cfg.model_path)
         del hf
 
         if init_distributed:
             init_megatron(rank=rank, world_size=world_size, master_addr=master_addr,
-                          master_port=master_port or free_port(), tp_size=cfg.tp_size, pp_size=cfg.pp_size,
+                          master_port=master_port or free_port(), tp_size=mg.tp_size, pp_size=mg.pp_size,
                           seed=cfg.seed)
         from megatron.core import parallel_state
 
@@ -94,9 +96,9 @@ class MegatronPolicy:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.bridge = bridge
-        self.params_dtype = _DTYPES[cfg.params_dtype]
-        opts = BuildOptions(tp_size=cfg.tp_size, pp_size=cfg.pp_size, params_dtype=self.params_dtype)
-        shard = bridge.shard_for_tp(full, self.tp_rank, cfg.tp_size)
+        self.params_dtype = _DTYPES[mg.params_dtype]
+        opts = BuildOptions(tp_size=mg.tp_size, pp_size=mg.pp_size, params_dtype=self.params_dtype)
+        shard = bridge.shard_for_tp(full, self.tp_rank, mg.tp_size)
         trunk_state, head_state = split_trunk_and_mtp(shard)
         device = build_device()
 
@@ -127,7 +129,7 @@ class MegatronPolicy:
 
     def _microbatches(self, batch: dict[str, torch.Tensor]):
         n = batch["input_ids"].shape[0]
-        size = self.cfg.micro_batch_size
+        size = self.cfg.megatron.micro_batch_size
         for start in range(0, n, size):
             yield {k: (v[start:start + size].to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
@@ -157,7 +159,7 @@ class MegatronPolicy:
         for mb in self._microbatches(batch):
             ctx = ObjectiveContext(mode="logprobs", targets=self._targets(mb["input_ids"]),
                                    loss_mask=mb["loss_mask"], vocab_size=self.model_cfg.vocab_size,
-                                   temperature=self.cfg.loss.temperature, tp_group=self.tp_group)
+                                   temperature=self.cfg.temperature, tp_group=self.tp_group)
             out = self._forward(mb, ctx)
             out_lp.append(out["logprobs"].cpu())
             out_ent.append(out["entropy"].cpu())
@@ -171,19 +173,21 @@ class MegatronPolicy:
 
     def accumulate_gradients(self, batch: dict[str, torch.Tensor]):
         """Zero the grad buffers, run forward/backward over all micro-batches and reduce over DP.
-        Gradients end in each parameter's ``main_grad`` (Megatron DDP buffers)."""
-        from skyrl_mtp.trainer.algorithms import PolicyLossConfig as LossFnConfig
+        Gradients end in each parameter's ``main_grad`` (Megatron DDP buffers).
 
+        Without ``old_logprobs`` in the batch (one optimizer step per rollout batch) the ratio's
+        denominator is the detached log-prob of this very forward: the same numbers as a separate
+        forward at the same weights, one forward pass fewer."""
         if not self.trainable:
             raise RuntimeError("train_step on a frozen (reference) policy")
-        lcfg = self.cfg.loss
+        algo = self.cfg.algorithm
         mask = batch["loss_mask"].float()
-        if lcfg.loss_agg_mode == "token_mean":
+        if algo.loss_agg_mode == "token_mean":
             normalizer = self._dp_sum(mask.sum().item()) / self.dp_size
         else:
             normalizer = self._dp_sum(float((mask.sum(-1) > 0).sum().item())) / self.dp_size
         if normalizer <= 0:
-            raise ValueError("train_step got a batch with no response tokens (loss_mask is all zero)")
+            raise ValueError("train_step got a batch with no response tokens on any rank (loss_mask is all zero)")
         draft = None
         draft_norms: list[float] = []
         if self.head is not None:
@@ -191,48 +195,50 @@ class MegatronPolicy:
 
             m = self.cfg.mtp
             draft = DraftObjective(head=self.head, capture=self.capture, embedding=self.trunk.embedding,
-                                   num_depths=m.num_depths, loss_type=m.loss_type, loss_weight=m.loss_weight,
-                                   topk=m.topk, chunk_size=m.chunk_size, detach_shared_output=m.detach_shared_output,
-                                   detach_embedding=m.detach_embedding, zero_first_embedding=m.zero_first_embedding)
+                                   num_depths=m.num_speculative_tokens, loss_type=m.loss_type,
+                                   loss_weight=m.loss_weight, topk=m.topk if m.loss_type == "topk_soft_ce" else None,
+                                   chunk_size=self.cfg.megatron.mtp_loss_chunk_size,
+                                   detach_shared_output=m.detach_shared_output, detach_embedding=m.detach_embedding)
             draft_norms = [max(self._dp_sum(shift_mask(mask, k).sum().item()) / self.dp_size, 1e-12)
-                           for k in range(1, m.num_depths + 1)]
+                           for k in range(1, m.num_speculative_tokens + 1)]
             self.head.train()
             self.head_ddp.zero_grad_buffer()
             self.head_opt.zero_grad()
         self.trunk.train()
         self.trunk_ddp.zero_grad_buffer()
         self.trunk_opt.zero_grad()
-        loss_fn_cfg = LossFnConfig(name=lcfg.policy_loss, clip_eps_low=lcfg.clip_eps_low,
-                                   clip_eps_high=lcfg.clip_eps_high, clip_ratio_c=lcfg.clip_ratio_c,
-                                   loss_agg_mode=lcfg.loss_agg_mode)
 
         sums: dict[str, float] = {}
+        maxima: dict[str, float] = {}
         draft_sums = [[0.0, 0.0] for _ in draft_norms]
         for mb in self._microbatches(batch):
             ctx = ObjectiveContext(
                 mode="train", targets=self._targets(mb["input_ids"]), loss_mask=mb["loss_mask"].float(),
-                vocab_size=self.model_cfg.vocab_size, temperature=lcfg.temperature, tp_group=self.tp_group,
-                old_logprobs=mb["old_logprobs"], advantages=mb["advantages"], ref_logprobs=mb.get("ref_logprobs"),
-                policy_loss_config=loss_fn_cfg, normalizer=normalizer, kl_coef=lcfg.kl_coef,
-                kl_type=lcfg.kl_type, draft=draft, draft_normalizers=draft_norms)
+                vocab_size=self.model_cfg.vocab_size, temperature=self.cfg.temperature, tp_group=self.tp_group,
+                algorithm=algo, old_logprobs=mb.get("old_logprobs"), advantages=mb["advantages"],
+                ref_logprobs=mb.get("ref_logprobs"), rollout_logprobs=mb.get("rollout_logprobs"),
+                normalizer=normalizer, draft=draft, draft_normalizers=draft_norms)
             out = self._forward(mb, ctx)
             out["loss"].backward()
             sums["policy_loss"] = sums.get("policy_loss", 0.0) + float(out["policy_loss"])
             for name, value in out["stats"].items():
                 sums[name] = sums.get(name, 0.0) + float(value)
+            for name, value in out["maxima"].items():
+                maxima[name] = max(maxima.get(name, float("-inf")), float(value))
             for k, (loss_sum, weight) in enumerate(out["draft"]):
                 draft_sums[k][0] += float(loss_sum)
                 draft_sums[k][1] += weight
         self.trunk_ddp.finish_grad_sync()
         if self.head is not None:
             self.head_ddp.finish_grad_sync()
-        return sums, draft_sums
+        return (sums, maxima), draft_sums
 
-    def apply_gradients(self, sums: dict[str, float], draft_sums: list[list[float]]) -> dict[str, float]:
+    def apply_gradients(self, stats: tuple[dict[str, float], dict[str, float]],
+                        draft_sums: list[list[float]]) -> dict[str, float]:
         """Clip and step each optimizer on its own parameters; advance both LR schedules."""
         ok, grad_norm, _ = self.trunk_opt.step()
         self.trunk_sched.step(1)
-        metrics = self._reduce_metrics(sums)
+        metrics = self._reduce_metrics(*stats)
         metrics.update({"policy/grad_norm": float(grad_norm or 0.0), "policy/update_ok": float(bool(ok)),
                         "policy/lr": self.trunk_opt.param_groups[0]["lr"]})
         if self.head is not None:
@@ -244,11 +250,15 @@ class MegatronPolicy:
         self.step += 1
         return metrics
 
-    def _reduce_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+    def _reduce_metrics(self, sums: dict[str, float], maxima: dict[str, float]) -> dict[str, float]:
         keys = sorted(sums)
         t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
+        peak_keys = sorted(maxima)
+        peaks = torch.tensor([maxima[k] for k in peak_keys], dtype=torch.float64, device=self.device)
         if self.dp_size > 1:
             torch.distributed.all_reduce(t, group=self.dp_group)
+            if peak_keys:
+                torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX, group=self.dp_group)
         total = dict(zip(keys, t.tolist()))
         tokens = max(total.pop("mask_sum", 0.0), 1.0)
         # Each rank's loss is its share of the global loss scaled by dp_size (DDP averages grads).
@@ -256,8 +266,9 @@ class MegatronPolicy:
         out["policy/entropy"] = total.pop("entropy_sum") / tokens
         if "kl_sum" in total:
             out["policy/kl"] = total.pop("kl_sum") / tokens
-        for name, value in total.items():  # token sums from the policy-loss function
+        for name, value in total.items():  # token sums from the policy-loss function and TIS
             out[name if "/" in name else f"policy/{name}"] = value / tokens
+        out.update(zip(peak_keys, peaks.tolist()))
         return out
 
     def _draft_metrics(self, draft_sums: list[list[float]]) -> dict[str, float]:
@@ -300,7 +311,7 @@ class MegatronPolicy:
         state = {
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
-            "tp_size": self.cfg.tp_size,
+            "tp_size": self.cfg.megatron.tp_size,
             "mtp": self.head is not None,
             "trunk": module_state(self.trunk),
             "trunk_opt": self.trunk_opt.state_dict(),
@@ -326,8 +337,9 @@ class MegatronPolicy:
             raise ValueError(f"checkpoint shard {path} is corrupted or not a skyrl_mtp checkpoint: {err}") from err
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, this version reads {CHECKPOINT_FORMAT}")
-        if state["tp_size"] != self.cfg.tp_size:
-            raise ValueError(f"{path}: saved with tp_size={state['tp_size']}, this run uses tp_size={self.cfg.tp_size}")
+        if state["tp_size"] != self.cfg.megatron.tp_size:
+            raise ValueError(f"{path}: saved with tp_size={state['tp_size']}, "
+                             f"this run uses tp_size={self.cfg.megatron.tp_size}")
         if state["mtp"] != (self.head is not None):
             raise ValueError(f"{path}: saved with MTP {'on' if state['mtp'] else 'off'}, this run has MTP "
                              f"{'on' if self.head is not None else 'off'}; keep trainer.mtp.enabled as it was")

@@ -171,6 +171,31 @@ def test_generate_shapes_order_and_balance(group):
     assert [samples[0].engine_index for samples in out] == [0, 0, 0, 1, 1]
 
 
+def test_per_request_seeds_give_reproducible_independent_streams(group):
+    from skyrl_mtp.trainer.rollout import sample_seed
+
+    sampling = SamplingConfig(temperature=1.0, max_tokens=12, ignore_eos=True)
+    prompts = [PROMPTS[0]] * 4  # one prompt four times in a batch
+    seeds = [sample_seed(1, 0, 0, slot, 0) for slot in range(4)]
+    first = [s[0].token_ids for s in group.generate(prompts, sampling, seeds=seeds)]
+    again = [s[0].token_ids for s in group.generate(prompts, sampling, seeds=seeds)]
+    assert first == again  # the same seeds: the same samples (a resumed run redraws them)
+    assert len({tuple(t) for t in first}) == 4  # copies of one prompt draw different samples
+    with pytest.raises(ValueError, match="3 seeds for 4 prompts"):
+        group.generate(prompts, sampling, seeds=seeds[:3])
+
+
+def test_many_seeded_requests_with_long_prefills_complete(group):
+    """384 seeded requests whose prompts add up to more tokens than one step's budget: with
+    chunked prefill, a split prefill made vLLM rewind the seeded CPU generator with set_offset,
+    which crashed the engine ("CPU Generator does not use offset", STACK.md)."""
+    prompts = [[5 + i % 40] + [6, 7, 8, 9, 10] * 9 for i in range(96)]  # 46 tokens each, 2208 per engine
+    sampling = SamplingConfig(temperature=1.0, max_tokens=3, n=4, ignore_eos=True, seed=1)
+    out = group.generate(prompts, sampling)
+    assert [len(samples) for samples in out] == [4] * 96
+    assert all(len(s.token_ids) == 3 for samples in out for s in samples)
+
+
 def reference_logprobs(hf_model, prompt, tokens, temperature, top_p):
     """log-probability of each sampled token under transformers' logits / T, top-p masked as vLLM
     masks (ascending sort, drop the tail whose cumulative mass is <= 1 - p, keep at least one)."""

@@ -9,7 +9,8 @@ ray = pytest.importorskip("ray")
 
 from skyrl_mtp.tools.check_policy_invariance import synthetic_batch  # noqa: E402
 from skyrl_mtp.workers.actors import WorkerGroup, ray_init_local  # noqa: E402
-from skyrl_mtp.workers.config import MtpConfig, OptimConfig, PolicyWorkerConfig
+from skyrl_mtp.config.schema import MegatronConfig, MtpConfig, OptimConfig
+from skyrl_mtp.workers.config import PolicyWorkerConfig
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def ray_local():
 
 @pytest.mark.slow
 def test_policy_and_ref_groups(ray_local, tiny_ckpt):
-    cfg = PolicyWorkerConfig(model_path=str(tiny_ckpt), micro_batch_size=4, optim=OptimConfig(lr=1e-3),
+    cfg = PolicyWorkerConfig(model_path=str(tiny_ckpt), megatron=MegatronConfig(micro_batch_size=4), optim=OptimConfig(lr=1e-3),
                              mtp=MtpConfig(enabled=True, optim=OptimConfig(lr=1e-3)))
     policy = WorkerGroup(cfg, dp_size=2, num_cpus_per_worker=0.5, num_threads=1)
     ref = WorkerGroup(cfg, dp_size=1, trainable=False, num_cpus_per_worker=0.5, num_threads=1, name="ref")

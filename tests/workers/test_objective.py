@@ -7,15 +7,16 @@ import torch
 
 from skyrl_mtp.tools.check_policy_invariance import synthetic_batch
 from skyrl_mtp.workers import objective
-from skyrl_mtp.workers.config import MtpConfig, OptimConfig, PolicyLossConfig, PolicyWorkerConfig
+from skyrl_mtp.config.schema import AlgorithmConfig, MegatronConfig, MtpConfig, OptimConfig
+from skyrl_mtp.workers.config import PolicyWorkerConfig
 from skyrl_mtp.workers.policy import MegatronPolicy
 
 
 @pytest.mark.parametrize("loss_type", ["soft_ce", "hard_ce"])
 def test_gathered_positions_equal_the_full_projection(megatron_single, tiny_ckpt, monkeypatch, loss_type):
-    cfg = PolicyWorkerConfig(model_path=str(tiny_ckpt), micro_batch_size=3, optim=OptimConfig(lr=1e-3),
-                             loss=PolicyLossConfig(temperature=0.9),
-                             mtp=MtpConfig(enabled=True, num_depths=2, loss_type=loss_type))
+    cfg = PolicyWorkerConfig(model_path=str(tiny_ckpt), megatron=MegatronConfig(micro_batch_size=3),
+                             optim=OptimConfig(lr=1e-3), algorithm=AlgorithmConfig(), temperature=0.9,
+                             mtp=MtpConfig(enabled=True, num_speculative_tokens=2, loss_type=loss_type))
     batch = synthetic_batch(0, 300, 6, 24, 10)  # about half the positions count
     assert 0 < batch["loss_mask"].mean() < objective.GATHER_MAX_FRACTION
     results = {}

@@ -8,13 +8,15 @@ import pytest
 import torch
 
 from skyrl_mtp.tools.check_policy_invariance import main as invariance, synthetic_batch
-from skyrl_mtp.workers.config import MtpConfig, OptimConfig, PolicyLossConfig, PolicyWorkerConfig
+from skyrl_mtp.config.schema import AlgorithmConfig, MegatronConfig, MtpConfig, OptimConfig
+from skyrl_mtp.workers.config import PolicyWorkerConfig
 from skyrl_mtp.workers.policy import MegatronPolicy
 
 
 def _cfg(path, **mtp) -> PolicyWorkerConfig:
-    return PolicyWorkerConfig(model_path=str(path), micro_batch_size=3, optim=OptimConfig(lr=1e-3),
-                              loss=PolicyLossConfig(clip_eps_low=0.2, clip_eps_high=0.28, temperature=0.9),
+    return PolicyWorkerConfig(model_path=str(path), megatron=MegatronConfig(micro_batch_size=3),
+                              optim=OptimConfig(lr=1e-3), temperature=0.9,
+                              algorithm=AlgorithmConfig(clip_eps_low=0.2, clip_eps_high=0.28),
                               mtp=MtpConfig(**{"enabled": True, "optim": OptimConfig(lr=3e-3), **mtp}))
 
 
@@ -26,8 +28,9 @@ def _batch(policy, step=0):
 
 @pytest.mark.parametrize("loss_type", ["soft_ce", "topk_soft_ce", "hard_ce", "tv"])
 def test_invariance_tool_reports_identical_and_draft_loss_falls(megatron_single, tiny_ckpt, loss_type):
-    report = invariance(["--steps", "5", "--loss-type", loss_type, "--model", str(tiny_ckpt), "--head-lr", "1e-2",
-                         "--num-depths", "2", "--chunk-size", "7"])
+    report = invariance(["--steps", "3", "--mini-batches", "4", "--loss-type", loss_type, "--model", str(tiny_ckpt),
+                         "--head-lr", "1e-2", "--num-depths", "2", "--chunk-size", "7"])
+    assert report["optimizer_steps"] == 12  # 3 rollout batches x 4 PPO mini-batches
     assert report["identical"] is True and report["max_abs_diff"] == 0.0
     assert report["mtp_loss_last"] < report["mtp_loss_first"]
 
@@ -38,7 +41,7 @@ def test_invariance_tool_catches_a_leak(megatron_single, tiny_ckpt):
 
 
 def test_gradient_isolation(megatron_single, tiny_ckpt):
-    on = MegatronPolicy(_cfg(tiny_ckpt, num_depths=2))
+    on = MegatronPolicy(_cfg(tiny_ckpt, num_speculative_tokens=2))
     off = MegatronPolicy(replace(_cfg(tiny_ckpt), mtp=MtpConfig(enabled=False)))
     batch = _batch(off)
     on.accumulate_gradients(batch)
@@ -62,7 +65,7 @@ def test_reported_grad_norms_match_the_gradients(megatron_single, tiny_ckpt):
     # Reference: the float64 L2 norm of the accumulated main grads, taken before the step.
     # (megatron-core 0.19 clips MTP parameters as their own grad-norm group; the head's norm
     # must still be reported, not the 0 that step() returns for an optimizer without others.)
-    policy = MegatronPolicy(_cfg(tiny_ckpt, num_depths=2))
+    policy = MegatronPolicy(_cfg(tiny_ckpt, num_speculative_tokens=2))
     sums, draft_sums = policy.accumulate_gradients(_batch(policy))
 
     def l2(module):
@@ -111,11 +114,10 @@ def test_checkpoint_errors_name_the_file(megatron_single, tiny_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(mtp=MtpConfig(enabled=True, num_depths=0)), "num_speculative_tokens must be >= 1"),
+    (dict(mtp=MtpConfig(enabled=True, num_speculative_tokens=0)), "num_speculative_tokens must be >= 1"),
     (dict(mtp=MtpConfig(enabled=True, loss_type="kl")), "loss_type='kl' is unknown"),
-    (dict(mtp=MtpConfig(enabled=True, loss_type="topk_soft_ce", topk=None)), "mtp_topk"),
-    (dict(cp_size=2), "context parallel"),
-    (dict(pp_size=2), "pipeline parallel"),
+    (dict(megatron=MegatronConfig(cp_size=2)), "context parallel"),
+    (dict(megatron=MegatronConfig(pp_size=2)), "pipeline parallel"),
 ])
 def test_bad_config_fails_before_building(tiny_ckpt, change, message):
     with pytest.raises(ValueError, match=message):

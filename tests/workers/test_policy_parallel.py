@@ -10,7 +10,8 @@ import torch
 import torch.multiprocessing as mp
 
 from skyrl_mtp.tools.check_policy_invariance import synthetic_batch
-from skyrl_mtp.workers.config import MtpConfig, OptimConfig, PolicyLossConfig, PolicyWorkerConfig
+from skyrl_mtp.config.schema import AlgorithmConfig, MegatronConfig, MtpConfig, OptimConfig
+from skyrl_mtp.workers.config import PolicyWorkerConfig
 
 # On GPU each rank needs its own device (NCCL); on CPU both ranks share the cores (gloo).
 pytestmark = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
@@ -19,17 +20,25 @@ STEPS = 3
 BATCH = 8
 
 
-def _cfg(path, tp=1) -> PolicyWorkerConfig:
-    return PolicyWorkerConfig(model_path=str(path), tp_size=tp, micro_batch_size=2, optim=OptimConfig(lr=1e-3),
-                              loss=PolicyLossConfig(clip_eps_low=0.2, clip_eps_high=0.28),
-                              mtp=MtpConfig(enabled=True, num_depths=2, optim=OptimConfig(lr=3e-3)))
+def _cfg(path, tp=1, one_valid=False) -> PolicyWorkerConfig:
+    agg = "seq_mean_token_mean" if one_valid else "token_mean"
+    return PolicyWorkerConfig(model_path=str(path), megatron=MegatronConfig(tp_size=tp, micro_batch_size=2),
+                              optim=OptimConfig(lr=1e-3),
+                              algorithm=AlgorithmConfig(clip_eps_low=0.2, clip_eps_high=0.28, loss_agg_mode=agg),
+                              mtp=MtpConfig(enabled=True, num_speculative_tokens=2, optim=OptimConfig(lr=3e-3)))
 
 
-def _batches():
+def _batches(one_valid=False):
+    """STEPS batches of BATCH rows; with `one_valid`, 2 rows of which only the first has response
+    tokens (the second is what the worker group pads a batch with): one valid sequence, two ranks."""
     out = []
+    rows = 2 if one_valid else BATCH
     for step in range(STEPS):
-        b = synthetic_batch(step, 300, BATCH, 20, 6)
-        b["old_logprobs"] = -5.0 + 0.1 * torch.randn(BATCH, 20, generator=torch.Generator().manual_seed(step))
+        b = synthetic_batch(step, 300, rows, 20, 6)
+        b["old_logprobs"] = -5.0 + 0.1 * torch.randn(rows, 20, generator=torch.Generator().manual_seed(step))
+        if one_valid:
+            b["loss_mask"][1:] = 0
+            b["advantages"][1:] = 0
         out.append(b)
     return out
 
@@ -40,15 +49,16 @@ def _train(policy, batches, shard=lambda b: b):
     return logprobs, metrics
 
 
-def _worker(rank, world, port, path, tp, out_dir):
+def _worker(rank, world, port, path, tp, out_dir, one_valid=False):
     try:
         from skyrl_mtp.workers.policy import MegatronPolicy
 
-        policy = MegatronPolicy(_cfg(path, tp), rank=rank, world_size=world, master_port=port)
+        policy = MegatronPolicy(_cfg(path, tp, one_valid), rank=rank, world_size=world, master_port=port)
         dp, dp_rank = policy.dp_size, policy.dp_rank
-        per = BATCH // dp
+        batches = _batches(one_valid)
+        per = batches[0]["input_ids"].shape[0] // dp
         shard = lambda b: {k: v[dp_rank * per:(dp_rank + 1) * per] for k, v in b.items()}
-        logprobs, metrics = _train(policy, _batches(), shard)
+        logprobs, metrics = _train(policy, batches, shard)
         hf = policy.export_hf_weights()
         torch.save({"logprobs": logprobs, "metrics": metrics, "hf": hf}, os.path.join(out_dir, f"rank{rank}.pt"))
     except Exception:
@@ -57,12 +67,13 @@ def _worker(rank, world, port, path, tp, out_dir):
         raise
 
 
-def _run_two(path, tp, tmp_path):
+def _run_two(path, tp, tmp_path, one_valid=False):
     from skyrl_mtp.megatron.parallel import free_port
 
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(path), tp, str(tmp_path))) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(path), tp, str(tmp_path), one_valid))
+             for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -95,6 +106,19 @@ def test_data_parallel_2_matches_1(single, tiny_ckpt, tmp_path):
     assert ranks[1]["hf"] is None  # only DP rank 0 exports
     for key in ("policy/loss", "mtp/loss", "policy/grad_norm", "mtp/grad_norm"):
         assert abs(ranks[0]["metrics"][-1][key] - single["metrics"][-1][key]) <= 1e-5 * max(1, abs(single["metrics"][-1][key]))
+
+
+@pytest.mark.slow
+def test_data_parallel_2_with_one_valid_sequence_matches_1(megatron_single, tiny_ckpt, tmp_path):
+    """seq_mean_token_mean with fewer valid sequences than DP ranks: each rank divides by
+    (global sequences / dp_size) = 0.5, unclamped, so the update is the DP=1 update."""
+    from skyrl_mtp.workers.policy import MegatronPolicy
+
+    policy = MegatronPolicy(_cfg(tiny_ckpt, one_valid=True))
+    _, metrics = _train(policy, _batches(one_valid=True))
+    ranks = _run_two(tiny_ckpt, 1, tmp_path, one_valid=True)
+    _assert_close_weights(ranks[0]["hf"], policy.export_hf_weights(), 1e-5)
+    assert abs(ranks[0]["metrics"][-1]["policy/loss"] - metrics[-1]["policy/loss"]) <= 1e-5
 
 
 @pytest.mark.slow

@@ -9,8 +9,8 @@ cd "$(dirname "$0")/../../.."
 MODEL=${MODEL:-XiaomiMiMo/MiMo-7B-RL}
 exec "${PYTHON:-python}" -m skyrl_mtp.train algorithm=dapo model=mimo_7b data=dapo_math generator=gpu megatron=gpu \
   model.path="$MODEL" data.apply_chat_template=true \
-  trainer.mtp.enabled=true trainer.mtp.num_speculative_tokens=3 trainer.mtp.loss_type=topk_soft_ce megatron.mtp_topk=64 \
-  trainer.total_steps=500 trainer.train_batch_size=128 trainer.n_samples_per_prompt=16 trainer.lr=1e-6 \
+  trainer.mtp.enabled=true trainer.mtp.num_speculative_tokens=3 trainer.mtp.loss_type=topk_soft_ce trainer.mtp.topk=64 trainer.mtp.optim.lr=1e-4 \
+  trainer.total_steps=500 trainer.train_batch_size=128 trainer.n_samples_per_prompt=16 trainer.optim.lr=1e-6 trainer.ppo_mini_batch_size=32 \
   trainer.warm_start.enabled=false trainer.save_every=20 trainer.eval_every=20 \
   generator.num_engines=4 generator.tensor_parallel_size=2 generator.max_response_length=8192 generator.max_model_len=10240 \
   megatron.tp_size=2 megatron.dp_size=4 megatron.micro_batch_size=2 megatron.mtp_loss_chunk_size=1024 \

@@ -14,7 +14,7 @@ exec "${PYTHON:-python}" -m skyrl_mtp.train algorithm=dapo model=small data=sort
   $mtp trainer.mtp.num_speculative_tokens=3 trainer.mtp.loss_type=soft_ce \
   generator.num_gpus_per_engine=0.5 megatron.num_gpus_per_worker=0.5 generator.gpu_memory_utilization=0.35 \
   generator.max_response_length=40 generator.max_model_len=256 generator.enforce_eager=false \
-  megatron.micro_batch_size=16 megatron.mtp_lr=3e-4 megatron.mtp_loss_chunk_size=null \
-  trainer.total_steps=20 trainer.lr=1e-5 trainer.warm_start.steps=200 trainer.warm_start.lr=5e-4 \
+  megatron.micro_batch_size=16 trainer.mtp.optim.lr=3e-4 megatron.mtp_loss_chunk_size=null \
+  trainer.total_steps=20 trainer.optim.lr=1e-5 trainer.warm_start.steps=200 trainer.warm_start.lr=5e-4 \
   trainer.eval_every=10 trainer.save_every=20 trainer.loggers=[console,jsonl] \
   trainer.run_dir=runs/$name trainer.experiment_name=$name "$@"

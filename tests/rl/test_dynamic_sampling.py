@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skyrl_mtp.trainer.algorithms import compute_advantages
-from skyrl_mtp.trainer.dynamic_sampling import DynamicSampler, filter_groups
+from skyrl_mtp.rl.advantages import compute_advantages
+from skyrl_mtp.rl.dynamic_sampling import DynamicSampler, filter_groups
 
 
 def test_filter_groups_drops_all_equal_and_singletons():
