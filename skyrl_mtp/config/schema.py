@@ -11,6 +11,7 @@ drafting in vLLM (``speculative_config``), unless ``generator.speculative_config
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -173,6 +174,10 @@ class GeneratorConfig:
     dtype: str = "float32"
     enforce_eager: bool = True
     speculative_config: Optional[dict[str, Any]] = None  # explicit vLLM speculative_config wins over trainer.mtp
+    # How the drafter picks its tokens: greedy (its argmax; a draft is accepted with the target's
+    # probability of it) or probabilistic (sampled at the request's temperature; accepted with
+    # min(1, p/q), so acceptance is 1 - TV(p, q), what the tv draft loss minimises)
+    draft_sample_method: str = "greedy"
     weight_sync_bucket_mb: int = 64
     # ray: through host memory and Ray's object store (any placement); cuda_ipc: GPU to GPU for
     # engines on the policy's GPU; auto: cuda_ipc when colocated on one GPU, else ray.
@@ -221,6 +226,7 @@ KNOWN_DATA = ("sort", "jsonl", "parquet")
 
 
 WEIGHT_TRANSPORTS = ("auto", "ray", "cuda_ipc")
+DRAFT_SAMPLE_METHODS = ("greedy", "probabilistic")
 
 
 def _colocated(cfg: Config) -> bool:
@@ -237,6 +243,30 @@ def resolve_weight_transport(cfg: Config) -> str:
         return g.weight_transport
     single = g.num_engines == 1 and m.dp_size * m.tp_size * m.pp_size == 1
     return "cuda_ipc" if single and _colocated(cfg) else "ray"
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def model_config_json(path: str) -> tuple[Path | None, str]:
+    """config.json of model.path: a local HF checkpoint directory, or a hub id (``owner/name``)
+    whose config.json is fetched (into the hub cache) to check it before any actor starts.
+    Returns (the file, "") or (None, why not and the fix)."""
+    local = Path(path)
+    if local.is_dir():
+        if (local / "config.json").is_file():
+            return local / "config.json", ""
+        return None, "no config.json there: give an HF checkpoint directory"
+    if not HUB_ID.match(path):
+        return None, "no such directory, and not a hub id (owner/name): give an HF checkpoint directory"
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(path, "config.json")), ""
+    except Exception as err:  # offline, unknown repo, gated model: say which, and the way round it
+        return None, (f"not a local directory, and its config.json could not be fetched from the hub "
+                      f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); download the checkpoint "
+                      "where the hub is reachable and pass its directory")
 
 
 def _check_optim(bad, key: str, optim: OptimConfig) -> None:
@@ -373,6 +403,8 @@ def validate_config(cfg: Config) -> Config:
         bad("generator.weight_transport", g.weight_transport,
             "CUDA IPC needs the engines on the policy's GPU: set generator.num_gpus_per_engine and "
             "megatron.num_gpus_per_worker to fractions of one GPU (e.g. 0.5 and 0.5), or use ray")
+    if g.draft_sample_method not in DRAFT_SAMPLE_METHODS:
+        bad("generator.draft_sample_method", g.draft_sample_method, f"use one of {list(DRAFT_SAMPLE_METHODS)}")
     if g.speculative_config is not None and "method" not in g.speculative_config:
         bad("generator.speculative_config", g.speculative_config, "needs a 'method' (e.g. mtp)")
 
@@ -400,9 +432,9 @@ def validate_config(cfg: Config) -> Config:
         elif k.enabled and PRESETS[cfg.model.preset].num_mtp_layers < 1:
             bad("trainer.mtp.enabled", True, f"preset {cfg.model.preset!r} has no MTP layers")
     else:
-        cfg_json = Path(cfg.model.path) / "config.json"
-        if not cfg_json.is_file():
-            bad("model.path", cfg.model.path, "no config.json there: give an HF checkpoint directory")
+        cfg_json, why = model_config_json(cfg.model.path)
+        if cfg_json is None:
+            bad("model.path", cfg.model.path, why)
         elif k.enabled:
             import json
 

@@ -38,6 +38,7 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     num_speculative_tokens: int | None = None
     speculative_method: str = "mtp"
+    draft_sample_method: str = "greedy"  # greedy | probabilistic (vLLM SpeculativeConfig.draft_sample_method)
     max_model_len: int = 2048
     dtype: str = "auto"
     seed: int = 0
@@ -80,6 +81,9 @@ class RolloutConfig:
         k = self.num_speculative_tokens
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
             raise ValueError(f"RolloutConfig.num_speculative_tokens must be None or an int >= 0, got {k!r}")
+        if self.draft_sample_method not in ("greedy", "probabilistic"):
+            raise ValueError("RolloutConfig.draft_sample_method must be 'greedy' or 'probabilistic', "
+                             f"got {self.draft_sample_method!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"RolloutConfig.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.weight_transport not in ("ray", "cuda_ipc"):

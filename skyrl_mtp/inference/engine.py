@@ -171,7 +171,8 @@ def llm_kwargs(config: RolloutConfig, device: str) -> dict[str, Any]:
         kwargs["kv_cache_memory_bytes"] = kv_bytes
     if config.drafting:
         kwargs["speculative_config"] = {"method": config.speculative_method,
-                                        "num_speculative_tokens": config.num_speculative_tokens}
+                                        "num_speculative_tokens": config.num_speculative_tokens,
+                                        "draft_sample_method": config.draft_sample_method}
     if config.max_num_seqs is not None:
         kwargs["max_num_seqs"] = config.max_num_seqs
     if device == "cpu":

@@ -14,14 +14,14 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float
 
 
 def plot_run(jsonl: str | Path, out_png: str | Path) -> Path:
-    """Reward, response length, and draft acceptance (overall and per position) vs step."""
+    """Reward, response length, PPO clipping, and draft acceptance (overall and per position) vs step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in read_jsonl(jsonl)]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     x, y = _series(rows, "reward/mean")
     axes[0].plot(x, y, marker="o", label="train reward")
     x, y = _series(rows, "eval/reward_mean")
@@ -32,17 +32,24 @@ def plot_run(jsonl: str | Path, out_png: str | Path) -> Path:
     x, y = _series(rows, "response/length_mean")
     axes[1].plot(x, y, marker="o")
     axes[1].set_title("response length (tokens)")
+    for key, label in (("policy/clip_frac", "clipped tokens"), ("policy/approx_kl", "approx KL to old")):
+        x, y = _series(rows, key)
+        if x:
+            axes[2].plot(x, y, marker=".", label=label)
+    axes[2].set_title("PPO mini-batch updates")
+    if axes[2].lines:
+        axes[2].legend()
     x, y = _series(rows, "vllm/draft_acceptance_rate")
-    axes[2].plot(x, y, marker="o", linewidth=2, label="overall")
+    axes[3].plot(x, y, marker="o", linewidth=2, label="overall")
     pos_keys = sorted({k for r in rows for k in r if k.startswith("vllm/draft_acceptance_rate_pos_")},
                       key=lambda k: int(k.rsplit("_", 1)[-1]))
     for key in pos_keys:
         x, y = _series(rows, key)
-        axes[2].plot(x, y, linestyle="--", label=f"position {key.rsplit('_', 1)[-1]}")
-    axes[2].set_ylim(0, 1)
-    axes[2].set_title("vllm/draft_acceptance_rate")
+        axes[3].plot(x, y, linestyle="--", label=f"position {key.rsplit('_', 1)[-1]}")
+    axes[3].set_ylim(0, 1)
+    axes[3].set_title("vllm/draft_acceptance_rate")
     if x:
-        axes[2].legend()
+        axes[3].legend()
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -51,7 +51,11 @@ class RLTrainer:
             from huggingface_hub import snapshot_download
 
             _log(f"downloading {m.path} from the hub")
-            return Path(snapshot_download(m.path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+            try:
+                return Path(snapshot_download(m.path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+            except Exception as err:
+                raise RuntimeError(f"model.path={m.path!r}: download from the hub failed ({err}); download the "
+                                   "checkpoint where the hub is reachable and pass its directory") from err
         from skyrl_mtp.models.checkpoint import random_hf_state_dict, save_hf_checkpoint
         from skyrl_mtp.models.mimo import get_preset
 
@@ -95,6 +99,7 @@ class RLTrainer:
                              tensor_parallel_size=g.tensor_parallel_size,
                              num_speculative_tokens=self.speculative_tokens(),
                              speculative_method=(g.speculative_config or {}).get("method", "mtp"),
+                             draft_sample_method=g.draft_sample_method,
                              max_model_len=g.max_model_len, dtype=g.dtype, seed=self.cfg.trainer.seed,
                              gpu_memory_utilization=g.gpu_memory_utilization, enforce_eager=g.enforce_eager,
                              bucket_bytes=g.weight_sync_bucket_mb << 20, num_cpus_per_engine=g.num_cpus_per_engine,
@@ -326,6 +331,8 @@ class RLTrainer:
             sinks.append(WandbLogger(self.run_dir, t.project_name, t.experiment_name, asdict(self.cfg), t.wandb_mode))
         tracker = Tracker(sinks)
         last: dict[str, float] = {}
+        if t.eval_every and self.step == 0:  # the starting point, so the plot shows what RL changed
+            tracker.log(self.evaluate(), 0)
         try:
             while self.step < t.total_steps:
                 start = time.time()

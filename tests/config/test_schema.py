@@ -147,3 +147,23 @@ def test_all_errors_reported_together():
     with pytest.raises(ConfigError) as err:
         validate_config(compose_cfg(["generator.top_p=2", "trainer.total_steps=0"]))
     assert "generator.top_p" in str(err.value) and "trainer.total_steps" in str(err.value)
+
+
+def test_model_path_local_directory_or_hub_id(tmp_path, monkeypatch):
+    from skyrl_mtp.config.schema import model_config_json
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    assert model_config_json(str(tmp_path / "ckpt")) == (tmp_path / "ckpt" / "config.json", "")
+    assert "no config.json there" in model_config_json(str(tmp_path))[1]
+    assert "not a hub id" in model_config_json(str(tmp_path / "missing"))[1]
+    # A hub id is looked up, not refused; where the hub cannot be reached the error says so and
+    # names the way round (HF_HUB_OFFLINE stands in for a closed network, deterministically).
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
+    path, why = model_config_json("XiaomiMiMo/MiMo-7B-RL")
+    assert path is None and "could not be fetched from the hub" in why and "pass its directory" in why
+    with pytest.raises(ConfigError, match=r"model.path='XiaomiMiMo/MiMo-7B-RL': not a local directory"):
+        validate_config(compose_cfg(["model.path=XiaomiMiMo/MiMo-7B-RL"]))
