@@ -167,3 +167,16 @@ def test_model_path_local_directory_or_hub_id(tmp_path, monkeypatch):
     assert path is None and "could not be fetched from the hub" in why and "pass its directory" in why
     with pytest.raises(ConfigError, match=r"model.path='XiaomiMiMo/MiMo-7B-RL': not a local directory"):
         validate_config(compose_cfg(["model.path=XiaomiMiMo/MiMo-7B-RL"]))
+
+
+def test_cli_prints_config_errors_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "skyrl_mtp.train", f"trainer.run_dir={tmp_path}",
+                           "trainer.total_steps=0", "algorithm.tis.cap=-1"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "trainer.total_steps=0: must be >= 1" in proc.stderr and "algorithm.tis.cap=-1" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "config.json").exists()  # nothing started, nothing written
