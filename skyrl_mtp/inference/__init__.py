@@ -9,9 +9,11 @@ Modules:
                  weight version that produced them.
     group        ``RolloutEngineGroup``: the driver-side handle over several engines (data parallel):
                  prompt balancing, weight sync fan-out, engine-failure reporting, metrics windows.
-    weight_sync  bucketing of HF-named tensors, the ``WeightTransport`` interface with its CPU
-                 (Ray object store) implementation, and the vLLM worker extension that stages the
-                 buckets and reloads the target model and the MTP drafter in place.
+    transports   how the policy's weights reach the engines: the two-phase push shared by all
+                 transports (``transports.base``), the wire format (``transports.buckets``) and one
+                 module per transport (``ray``, ``cuda_ipc``).
+    worker_extension  the vLLM worker extension that stages the buckets and reloads the target
+                 model and the MTP drafter in place.
     metrics      spec-decode counters, their per-window deltas and the metric arithmetic (pure
                  functions), and the ``start/pause/resume/stop`` window tracker.
     vllm_fixes   in-process fixes for verified vLLM defects (applied only where detected).

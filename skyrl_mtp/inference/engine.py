@@ -29,7 +29,8 @@ from typing import Any, Sequence
 
 from skyrl_mtp.inference.config import RolloutConfig, SamplingConfig
 from skyrl_mtp.inference.metrics import SpecDecodeCounters, counters_from_vllm_metrics
-from skyrl_mtp.inference.weight_sync import WORKER_EXTENSION, TensorPiece
+from skyrl_mtp.inference.transports.buckets import PieceSpec, TensorPiece
+from skyrl_mtp.inference.worker_extension import WORKER_EXTENSION
 
 
 @dataclass
@@ -362,7 +363,7 @@ class RolloutEngine:
             engine_index=self.index,
         )
 
-    # -- weight sync (engine side of the protocol in weight_sync.py) ----------------------------
+    # -- weight sync (engine side of the two-phase push in transports/base.py) ---------------
 
     def begin_weight_sync(self, version: int, transport: str) -> None:
         if transport not in ("ray", "cuda_ipc"):
@@ -384,10 +385,8 @@ class RolloutEngine:
         return self._stage(version, bucket_index, "ray", pieces, TensorPiece, "skyrl_stage_weight_bucket", pieces)
 
     def receive_ipc_bucket(self, version: int, bucket_index: int, bucket: Any) -> int:
-        """A bucket in the policy's GPU memory (cuda_ipc transport, ``cuda_ipc.IpcBucket``): the
+        """A bucket in the policy's GPU memory (cuda_ipc transport, ``transports.cuda_ipc.IpcBucket``): the
         worker copies it out before this returns."""
-        from skyrl_mtp.inference.cuda_ipc import PieceSpec
-
         return self._stage(version, bucket_index, "cuda_ipc", list(getattr(bucket, "specs", [bucket])), PieceSpec,
                            "skyrl_stage_ipc_bucket", bucket)
 

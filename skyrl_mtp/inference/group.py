@@ -28,7 +28,8 @@ from skyrl_mtp.inference.engine import (
 )
 from skyrl_mtp.inference.metrics import SpecDecodeCounters, SpecDecodeMetricsTracker
 from skyrl_mtp.inference.remote import EngineDiedError, EngineHandle, RolloutEngineError, gather
-from skyrl_mtp.inference.weight_sync import NamedTensors, WeightSyncStats, WeightTransport, transport_class
+from skyrl_mtp.inference.transports.base import WeightSyncStats, WeightTransport, transport_class
+from skyrl_mtp.inference.transports.buckets import NamedTensors
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 

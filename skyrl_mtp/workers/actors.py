@@ -63,7 +63,7 @@ class _PolicyActor:
     def open_ipc_weights(self, version: int, bucket_bytes: int) -> int | None:
         """Collective over the TP group: exports the weights on the GPU; the holding rank plans the
         buckets and returns their count (None on other ranks)."""
-        from skyrl_mtp.inference.cuda_ipc import IpcWeightSender
+        from skyrl_mtp.inference.transports.cuda_ipc import IpcWeightSender
 
         self._ensure_thread()
         self._ipc_sender = None
@@ -157,7 +157,7 @@ class WorkerGroup:
     def export_hf_weights(self) -> dict[str, torch.Tensor]:
         return next(w for w in ray.get([a.export_hf_weights.remote() for a in self.actors]) if w is not None)
 
-    # -- the IpcWeightSource of skyrl_mtp.inference.cuda_ipc: the rank holding the full weights sends
+    # -- the IpcWeightSource of skyrl_mtp.inference.transports.cuda_ipc: the rank holding the full weights sends
 
     def set_export_extras(self, tensors: dict[str, torch.Tensor]) -> None:
         ray.get(self.actors[self._holder].set_export_extras.remote(tensors))

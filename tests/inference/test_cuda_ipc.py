@@ -12,16 +12,16 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from skyrl_mtp.inference.cuda_ipc import (
+from skyrl_mtp.inference.transports.buckets import (
     ALIGN,
-    IpcWeightSender,
     PieceSpec,
-    local_device_of,
+    StagedWeights,
+    iter_buckets,
     pack_bucket,
     packed_size,
     unpack_bucket,
 )
-from skyrl_mtp.inference.weight_sync import StagedWeights, iter_buckets
+from skyrl_mtp.inference.transports.cuda_ipc import IpcWeightSender, local_device_of
 
 
 def _weights(device="cpu") -> dict[str, torch.Tensor]:
@@ -92,7 +92,7 @@ def _sender(queue, acks, bucket_bytes):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a GPU")
 def test_transfer_between_processes_equals_the_sent_tensors():
-    from skyrl_mtp.inference.cuda_ipc import open_bucket
+    from skyrl_mtp.inference.transports.cuda_ipc import open_bucket
 
     ctx = mp.get_context("spawn")
     queue, acks = ctx.Queue(), ctx.Queue()

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from skyrl_mtp.inference.config import RolloutConfig, SamplingConfig
-from skyrl_mtp.inference.weight_sync import StagedWeights, TensorPiece, _to_wire, iter_buckets, split_rows
+from skyrl_mtp.inference.transports.buckets import StagedWeights, TensorPiece, iter_buckets, split_rows, to_wire
 from skyrl_mtp.models.checkpoint import random_hf_state_dict, save_hf_checkpoint
 from skyrl_mtp.models.mimo import get_preset
 
@@ -145,7 +145,7 @@ def test_staging_rejects_incomplete_or_duplicate_tensors():
 def test_wire_tensors_do_not_carry_their_parent_storage():
     flat = torch.zeros(1 << 16)  # e.g. a flat parameter buffer
     view = flat[1024:1024 + 256].view(16, 16)
-    wire = _to_wire(view)
+    wire = to_wire(view)
     assert wire.untyped_storage().nbytes() == 256 * 4
     assert torch.equal(wire, view)
 
@@ -271,14 +271,15 @@ def test_refused_syncs_keep_the_previous_weights(group, checkpoints):
     with pytest.raises(ValueError, match="weight version must be an int above"):
         group.sync_weights(good, version=version)
     # GPU-to-GPU transport on a CPU engine: refused at begin, naming the transport that works.
-    from skyrl_mtp.inference.cuda_ipc import CudaIpcTransport
+    from skyrl_mtp.inference.transports.cuda_ipc import CudaIpcTransport
 
     with pytest.raises(RolloutEngineError, match="needs a CUDA engine.*use weight_transport=ray"):
         CudaIpcTransport(bucket_bytes=1 << 20).push(group.live_engines, good, version + 1)
     # A bucket of the other transport is refused (and aborts the sync) before the worker sees it.
     import ray
 
-    from skyrl_mtp.inference.cuda_ipc import IpcBucket, PieceSpec
+    from skyrl_mtp.inference.transports.buckets import PieceSpec
+    from skyrl_mtp.inference.transports.cuda_ipc import IpcBucket
 
     actor = group.engine(0).actor
     ray.get(actor.begin_weight_sync.remote(version + 2, "ray"))

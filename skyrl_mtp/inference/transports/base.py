@@ -1,0 +1,120 @@
+"""The two-phase weight push every transport shares, its statistics, and the transport registry.
+
+``WeightTransport.push(engines, source, version)`` drives the engines' side of one sync:
+
+    begin_weight_sync(version, transport)   on every engine
+    deliver(...)                            the transport's own way of staging the buckets
+    prepare_weight_sync(version)            on every engine: the staged set is complete and valid
+    finish_weight_sync(version)             on every engine: apply (target and drafter)
+
+and calls ``abort_weight_sync`` on every engine if anything fails before the apply, so a bad or
+incomplete set never reaches some engines and not others. A transport implements ``deliver``
+(plus ``connect`` / ``close`` when it keeps a connection) and the engine method that receives its
+buckets; it does not touch the phases.
+
+The transports live in their own modules and are looked up by name (``transport_class``) without
+this module importing them: ``ray`` (host tensors through Ray's object store), ``cuda_ipc`` (GPU
+to GPU for engines on the policy's GPU) and ``broadcast`` (a torch.distributed broadcast from the
+policy to every engine).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+# name -> "module:class"; imported on first use, so nothing here depends on a transport module.
+TRANSPORTS: dict[str, str] = {
+    "ray": "skyrl_mtp.inference.transports.ray:RayObjectStoreTransport",
+    "cuda_ipc": "skyrl_mtp.inference.transports.cuda_ipc:CudaIpcTransport",
+}
+
+
+@dataclass
+class WeightSyncStats:
+    version: int
+    transport: str
+    num_buckets: int = 0
+    num_tensors: int = 0
+    nbytes: int = 0
+    max_bucket_bytes: int = 0
+    total_s: float = 0.0
+    per_engine: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def add_bucket(self, *, num_whole: int, nbytes: int) -> None:
+        """Counts one delivered bucket: tensors that started in it, and its bytes."""
+        self.num_buckets += 1
+        self.num_tensors += num_whole
+        self.nbytes += nbytes
+        self.max_bucket_bytes = max(self.max_bucket_bytes, nbytes)
+
+
+class WeightTransport(ABC):
+    """Moves the policy's HF-named tensors into every engine and applies them (see the module
+    docstring for the phases). ``push`` leaves every engine either on ``version`` or on its
+    previous version. docs/inference.md describes each transport."""
+
+    name: ClassVar[str]
+
+    def __init__(self, bucket_bytes: int, timeout_s: float | None = None):
+        if bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+        self.bucket_bytes = bucket_bytes
+        self.timeout_s = timeout_s
+
+    def connect(self, engines: Sequence[Any]) -> None:
+        """One-time setup with the engines (no-op for transports that need none)."""
+
+    def close(self) -> None:
+        """Releases what ``connect`` or a push set up (no-op for transports that keep nothing)."""
+
+    @abstractmethod
+    def deliver(self, engines: Sequence[Any], source: Any, version: int, stats: WeightSyncStats) -> None:
+        """Stages every bucket of ``source`` on every engine (counting them in ``stats``)."""
+
+    def push(self, engines: Sequence[Any], source: Any, version: int) -> WeightSyncStats:
+        """Delivers and applies one full set of weights as ``version`` on every engine."""
+        from skyrl_mtp.inference.remote import gather
+
+        stats = WeightSyncStats(version=version, transport=self.name)
+        start = time.perf_counter()
+        gather([(e, e.actor.begin_weight_sync.remote(version, self.name)) for e in engines],
+               f"begin_weight_sync(version={version})", self.timeout_s)
+        try:
+            self.deliver(engines, source, version, stats)
+            gather([(e, e.actor.prepare_weight_sync.remote(version)) for e in engines],
+                   f"prepare_weight_sync(version={version})", self.timeout_s)
+            results = gather([(e, e.actor.finish_weight_sync.remote(version)) for e in engines],
+                             f"finish_weight_sync(version={version})", self.timeout_s)
+        except BaseException:
+            abort_everywhere(engines)
+            raise
+        stats.per_engine = {e.index: r for e, r in zip(engines, results)}
+        stats.total_s = time.perf_counter() - start
+        return stats
+
+
+def abort_everywhere(engines: Sequence[Any]) -> None:
+    """Best effort: drops any staged update on every live engine (errors here are secondary)."""
+    import ray
+
+    refs = [e.actor.abort_weight_sync.remote() for e in engines if e.alive]
+    if refs:
+        try:
+            ray.wait(refs, num_returns=len(refs), timeout=60)
+        except Exception:  # noqa: BLE001 - the original failure is what the caller must see
+            pass
+
+
+def transport_class(name: str) -> type[WeightTransport]:
+    """The transport registered as ``name`` (see ``TRANSPORTS``)."""
+    if name not in TRANSPORTS:
+        raise ValueError(f"unknown weight transport {name!r}; known: {sorted(TRANSPORTS)}")
+    module, cls = TRANSPORTS[name].split(":")
+    transport = getattr(importlib.import_module(module), cls)
+    if transport.name != name:
+        raise RuntimeError(f"weight transport registry: {TRANSPORTS[name]} calls itself {transport.name!r}, not {name!r}")
+    return transport
