@@ -39,5 +39,14 @@ def test_policy_and_ref_groups(ray_local, tiny_ckpt):
     torch.testing.assert_close(ref.compute_logprobs(batch)["logprobs"], lp_ref)  # the reference did not
     hf = policy.export_hf_weights()
     assert "model.mtp_layers.0.input_proj.weight" in hf and "lm_head.weight" in hf
+    # Rows that do not divide over dp_size=2 (3 rows; 1 row, fewer than ranks) are padded with
+    # rows that count nowhere: log-probs equal those of the even batch, and training still steps.
+    for rows in (3, 1):
+        even = policy.compute_logprobs(batch)["logprobs"]
+        odd = {k: v[:rows] for k, v in batch.items()}
+        odd["old_logprobs"] = policy.compute_logprobs(odd)["logprobs"]
+        assert odd["old_logprobs"].shape == (rows, 16)
+        torch.testing.assert_close(odd["old_logprobs"], even[:rows], rtol=0, atol=1e-6)
+        assert policy.train_step(odd)["policy/update_ok"] == 1.0
     policy.shutdown()
     ref.shutdown()
