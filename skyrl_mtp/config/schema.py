@@ -113,6 +113,23 @@ class OptimConfig:
 
 
 @dataclass
+class EnvConfig:
+    """Multi-turn environments (skyrl_mtp.envs). name null: single turn, the reward function
+    scores the response. Otherwise a model turn ends at one of the environment's stop strings or
+    EOS, the environment's observation is appended (the engine prefills it; it gets no policy or
+    draft loss) and generation continues, up to max_turns model turns and
+    generator.max_response_length tokens in all (model and observation tokens)."""
+
+    name: Optional[str] = None  # null | search
+    max_turns: int = 4
+    retrieval_url: Optional[str] = None  # search: a running retrieval server; null: the run starts one on loopback
+    corpus_path: Optional[str] = None  # JSONL {"id", "contents"} for the started server; null: the task's built-in corpus
+    topk: int = 3  # documents per search
+    timeout_s: float = 5.0  # per tool call; a timeout fails that step (an error observation), not the run
+    max_concurrency: int = 64  # requests the started server serves at once (the rest queue)
+
+
+@dataclass
 class MtpConfig:
     """The one MTP knob: head training in Megatron (the decoupled draft loss, its own optimizer)
     and drafting in vLLM (unless generator.speculative_config is set)."""
@@ -217,6 +234,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
