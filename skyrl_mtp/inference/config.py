@@ -153,6 +153,7 @@ class SamplingConfig:
     n: int = 1
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False  # multi-turn: keep the tool-call tag that ended the turn
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: bool = True

@@ -204,9 +204,9 @@ class RLTrainer:
         if not batch.rollouts:
             _log(f"step {self.step + 1}: no informative groups after dynamic sampling; skipping the update")
             return {**metrics, **timings}
-        lengths = [len(r.sample.token_ids) for r in batch.rollouts]
+        lengths = [len(r.response_ids) for r in batch.rollouts]
         metrics.update({"response/length_mean": sum(lengths) / len(lengths),
-                        "response/truncated_frac": sum(r.sample.finish_reason == "length" for r in batch.rollouts)
+                        "response/truncated_frac": sum(r.finish_reason == "length" for r in batch.rollouts)
                         / len(batch),
                         "reward/shaped_mean": sum(r.reward for r in batch.rollouts) / len(batch)})
         tensors = rollout_tensors(batch, self.cfg.algorithm, pad_id=self.tokenizer.pad_token_id or 0)
@@ -292,8 +292,8 @@ class RLTrainer:
         if not self.eval_examples:
             return {}
         self.engines.metrics.start("eval")
-        rollouts = self.rollouts.evaluate(self.eval_examples)
-        metrics = self.engines.metrics.stop("eval")
+        rollouts, turn_metrics = self.rollouts.evaluate(self.eval_examples)
+        metrics = {**self.engines.metrics.stop("eval"), **turn_metrics}
         if not self.speculative_tokens():
             metrics = _without_draft_metrics(metrics)
         rewards = [r.task_reward for r in rollouts]  # eval reports the task reward, without shaping

@@ -19,12 +19,15 @@ PAD_TO_MULTIPLE = 8  # sequence lengths are rounded up to this, to limit the num
 
 
 def build_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], *, pad_id: int,
+                response_masks: list[list[int]] | None = None,
                 pad_to_multiple: int = PAD_TO_MULTIPLE) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids [N, S]`` and ``loss_mask [N, S]``.
 
     ``loss_mask[i, t] = 1`` where the logits at t predict a response token of sequence i, i.e.
-    ``len(prompt) - 1 <= t < len(prompt) + len(response) - 1``. Padding only ever follows real
-    tokens, so under causal attention it changes nothing before it.
+    ``len(prompt) - 1 <= t < len(prompt) + len(response) - 1``, and that token is the model's
+    (``response_masks``, 1 per model token, 0 per environment observation token; all 1 if not
+    given). Padding only ever follows real tokens, so under causal attention it changes nothing
+    before it.
     """
     if len(prompt_ids) != len(response_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
@@ -36,26 +39,30 @@ def build_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], *, p
         if not p:
             raise ValueError(f"rollout {i} has an empty prompt")
         input_ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        loss_mask[i, len(p) - 1: len(p) + len(r) - 1] = 1.0
+        mask = [1.0] * len(r) if response_masks is None else [float(m) for m in response_masks[i]]
+        if len(mask) != len(r):
+            raise ValueError(f"rollout {i}: {len(mask)} mask entries for {len(r)} response tokens")
+        loss_mask[i, len(p) - 1: len(p) + len(r) - 1] = torch.tensor(mask)
     return {"input_ids": input_ids, "loss_mask": loss_mask}
 
 
 def rollout_tensors(batch: RolloutBatch, algorithm: AlgorithmConfig, *, pad_id: int) -> dict[str, torch.Tensor]:
-    """The whole rollout batch as training tensors: ids, loss mask (DAPO's overlong filter
-    applied), per-token advantages (computed over complete groups) and the engine's log-probs
-    of the sampled tokens (zeros where the engine returned none)."""
+    """The whole rollout batch as training tensors: ids, loss mask (observation tokens and, with
+    DAPO's overlong filter, truncated responses masked out), per-token advantages (computed over
+    complete groups) and the engine's log-probs of the sampled tokens."""
     rollouts = batch.rollouts
-    tensors = build_batch([r.prompt_ids for r in rollouts], [r.sample.token_ids for r in rollouts], pad_id=pad_id)
+    tensors = build_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], pad_id=pad_id,
+                          response_masks=[r.response_mask for r in rollouts])
     if algorithm.overlong.filter:
-        tensors["loss_mask"] *= overlong_filter_mask([r.sample.finish_reason for r in rollouts])[:, None]
+        tensors["loss_mask"] *= overlong_filter_mask([r.finish_reason for r in rollouts])[:, None]
     adv = compute_advantages(torch.tensor([r.reward for r in rollouts]), group_ids=[r.group for r in rollouts],
                              estimator=algorithm.advantage_estimator, norm_by_std=algorithm.norm_adv_by_std)
     tensors["advantages"] = adv[:, None] * tensors["loss_mask"]
-    if all(r.sample.logprobs is not None for r in rollouts):
+    if all(r.logprobs is not None for r in rollouts):
         rollout_lp = torch.zeros_like(tensors["loss_mask"])
         for i, r in enumerate(rollouts):
             start = len(r.prompt_ids) - 1
-            rollout_lp[i, start:start + len(r.sample.logprobs)] = torch.tensor(r.sample.logprobs)
+            rollout_lp[i, start:start + len(r.logprobs)] = torch.tensor(r.logprobs)
         tensors["rollout_logprobs"] = rollout_lp
     return tensors
 

@@ -95,8 +95,9 @@ def _batch(groups: int, per_group: int) -> RolloutBatch:
     for g in range(groups):
         for i in range(per_group):
             n = 3 + (g + i) % 4
-            rollouts.append(Rollout(group=g, prompt_ids=[5, 6, 7], sample=_Sample(list(range(1, n + 1)),
-                                    [-0.1 * (k + 1) for k in range(n)], "length" if i == 0 else "stop"),
+            rollouts.append(Rollout(group=g, prompt_ids=[5, 6, 7], response_ids=list(range(1, n + 1)),
+                                    response_mask=[1] * n, logprobs=[-0.1 * (k + 1) for k in range(n)],
+                                    finish_reason="length" if i == 0 else "stop",
                                     task_reward=float(i), reward=float(i) + 0.1 * g))
     return RolloutBatch(rollouts)
 
@@ -108,14 +109,26 @@ def test_rollout_tensors_align_advantages_and_engine_logprobs():
     t = rollout_tensors(batch, cfg.algorithm, pad_id=0)
     adv = compute_advantages(torch.tensor([r.reward for r in batch.rollouts]), group_ids=[0, 0, 1, 1, 2, 2])
     for i, r in enumerate(batch.rollouts):
-        n = len(r.sample.token_ids)
+        n = len(r.response_ids)
         expected_mask = torch.zeros(t["loss_mask"].shape[1])
-        if r.sample.finish_reason != "length":  # DAPO's overlong filter drops truncated responses
+        if r.finish_reason != "length":  # DAPO's overlong filter drops truncated responses
             expected_mask[2:2 + n] = 1
         assert torch.equal(t["loss_mask"][i], expected_mask)
-        assert torch.equal(t["input_ids"][i, :3 + n], torch.tensor([5, 6, 7] + r.sample.token_ids))
+        assert torch.equal(t["input_ids"][i, :3 + n], torch.tensor([5, 6, 7] + r.response_ids))
         assert torch.allclose(t["advantages"][i], adv[i] * expected_mask)
-        assert torch.allclose(t["rollout_logprobs"][i, 2:2 + n], torch.tensor(r.sample.logprobs))
+        assert torch.allclose(t["rollout_logprobs"][i, 2:2 + n], torch.tensor(r.logprobs))
+
+
+def test_observation_tokens_are_out_of_the_loss_mask():
+    batch = RolloutBatch([Rollout(group=0, prompt_ids=[5, 6], response_ids=[7, 8, 9, 10, 11],
+                                  response_mask=[1, 1, 0, 0, 1], logprobs=[-1.0, -2.0, 0.0, 0.0, -3.0],
+                                  finish_reason="stop", task_reward=1.0, reward=1.0),
+                          Rollout(group=0, prompt_ids=[5, 6], response_ids=[7], response_mask=[1], logprobs=[-1.0],
+                                  finish_reason="stop", task_reward=0.0, reward=0.0)])
+    t = rollout_tensors(batch, Config().algorithm, pad_id=0)
+    # position t predicts token t+1: the prompt's last position predicts response token 0
+    assert t["loss_mask"][0, :7].tolist() == [0, 1, 1, 0, 0, 1, 0]
+    assert t["advantages"][0, 3].item() == 0.0 and t["advantages"][0, 2].item() != 0.0
 
 
 def test_mini_batches_hold_whole_groups_and_cover_every_row_once_per_epoch():
