@@ -21,6 +21,9 @@ from skyrl_mtp.config.schema import Config, resolve_weight_transport, validate_c
 from skyrl_mtp.trainer.checkpoint import CheckpointManager, check_compatible
 
 
+WARM_START_TASKS = ("sort",)  # built-in tasks with reference responses for the supervised warm start
+
+
 def _log(msg: str) -> None:
     print(f"[skyrl_mtp] {msg}", flush=True)
 
@@ -63,19 +66,26 @@ class RLTrainer:
         if not (init / "config.json").is_file():
             preset = get_preset(m.preset)
             save_hf_checkpoint(preset, random_hf_state_dict(preset, m.init_seed), init)
-        if not (t.warm_start.enabled and self.cfg.data.name == "sort"):
+        if not (t.warm_start.enabled and self.cfg.data.name in WARM_START_TASKS):
             return init
         from transformers import AutoTokenizer
 
         from skyrl_mtp.trainer.warm_start import warm_start
 
+        tokenizer = AutoTokenizer.from_pretrained(str(init))
+        mg = self.cfg.megatron
         return warm_start(init, self.run_dir / "warm_start", steps=t.warm_start.steps,
                           batch_size=t.warm_start.batch_size, lr=t.warm_start.lr, seed=m.init_seed,
-                          tokenizer=AutoTokenizer.from_pretrained(str(init)),
-                          num_cpus_per_worker=self.cfg.megatron.num_cpus_per_worker,
-                          num_gpus_per_worker=self.cfg.megatron.num_gpus_per_worker,
-                          params_dtype=self.cfg.megatron.params_dtype,
-                          threads=self.cfg.megatron.threads_per_worker, log=_log)
+                          sequences=self.warm_start_sequences(tokenizer, t.warm_start.steps * t.warm_start.batch_size),
+                          pad_id=tokenizer.pad_token_id or 0, num_cpus_per_worker=mg.num_cpus_per_worker,
+                          num_gpus_per_worker=mg.num_gpus_per_worker, params_dtype=mg.params_dtype,
+                          threads=mg.threads_per_worker, log=_log)
+
+    def warm_start_sequences(self, tokenizer, n: int):
+        """Reference (prompt, response, mask) sequences of the built-in tasks for the warm start."""
+        from skyrl_mtp.trainer.warm_start import sort_sft_sequences
+
+        return sort_sft_sequences(tokenizer, self.cfg.model.init_seed, n)
 
     def speculative_tokens(self) -> int | None:
         g, k = self.cfg.generator, self.cfg.trainer.mtp

@@ -9,6 +9,7 @@ head learning from scratch through the decoupled draft loss.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -24,15 +25,35 @@ from skyrl_mtp.workers.config import PolicyWorkerConfig
 MARKER = "warm_start.json"
 
 
-def warm_start(init_path: str | Path, out_dir: str | Path, *, steps: int, batch_size: int, lr: float, seed: int,
-               tokenizer, num_cpus_per_worker: float = 1.0, num_gpus_per_worker: float = 0.0,
-               params_dtype: str = "float32", threads: int = 1, log=print) -> Path:
-    """SFT from `init_path` into `out_dir` (an HF checkpoint); reused when already done with the same settings."""
+SftSequence = tuple[list[int], list[int], list[int]]  # prompt ids, response ids, response mask (1: trained on)
+
+
+def sort_sft_sequences(tokenizer, seed: int, n: int) -> list[SftSequence]:
+    """The sort task's reference responses, eos-terminated as the engine ends a generation."""
     from skyrl_mtp.data.synthetic import sft_pairs
+
+    out = []
+    for prompt, response in sft_pairs(seed, n):
+        ids = tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id]
+        out.append((tokenizer.encode(prompt, add_special_tokens=False), ids, [1] * len(ids)))
+    return out
+
+
+def warm_start(init_path: str | Path, out_dir: str | Path, *, sequences: list[SftSequence], steps: int,
+               batch_size: int, lr: float, seed: int, pad_id: int, num_cpus_per_worker: float = 1.0,
+               num_gpus_per_worker: float = 0.0, params_dtype: str = "float32", threads: int = 1,
+               log=print) -> Path:
+    """SFT from `init_path` into `out_dir` (an HF checkpoint) on `sequences` (``steps * batch_size``
+    of them, in order; tokens whose mask is 0, e.g. a tool's observations, are not trained on);
+    reused when already done with the same settings and data."""
     from skyrl_mtp.workers.actors import WorkerGroup
 
+    if len(sequences) < steps * batch_size:
+        raise ValueError(f"warm start needs {steps * batch_size} sequences ({steps} steps x {batch_size}), "
+                         f"got {len(sequences)}")
     out = Path(out_dir)
-    key = {"init": str(init_path), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
+    digest = hashlib.sha256(json.dumps(sequences[: steps * batch_size]).encode()).hexdigest()[:16]
+    key = {"init": str(init_path), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "data": digest}
     marker = out / MARKER
     if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
         log(f"warm start: reusing {out}")
@@ -45,14 +66,11 @@ def warm_start(init_path: str | Path, out_dir: str | Path, *, steps: int, batch_
                              mtp=MtpConfig(enabled=False))
     group = WorkerGroup(cfg, dp_size=1, num_cpus_per_worker=num_cpus_per_worker, num_gpus_per_worker=num_gpus_per_worker,
                         num_threads=threads, name="warm_start")
-    pairs = sft_pairs(seed, steps * batch_size)
-    eos = tokenizer.eos_token_id
     start = time.time()
     for step in range(steps):
-        chunk = pairs[step * batch_size:(step + 1) * batch_size]
-        prompts = [tokenizer.encode(p, add_special_tokens=False) for p, _ in chunk]
-        responses = [tokenizer.encode(r, add_special_tokens=False) + [eos] for _, r in chunk]
-        batch = build_batch(prompts, responses, pad_id=tokenizer.pad_token_id)
+        chunk = sequences[step * batch_size:(step + 1) * batch_size]
+        batch = build_batch([c[0] for c in chunk], [c[1] for c in chunk], pad_id=pad_id,
+                            response_masks=[c[2] for c in chunk])
         batch["advantages"] = torch.ones_like(batch["loss_mask"])  # unused by the sft loss
         metrics = group.train_step(batch)
         if step % 25 == 0 or step == steps - 1:
