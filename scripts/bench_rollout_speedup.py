@@ -193,6 +193,7 @@ def run_engine(spec: dict, emit) -> None:
         if synthetic:
             sc.update(rejection_sample_method="synthetic", synthetic_acceptance_rates=profiles[0][1][:k])
         kwargs["speculative_config"] = sc
+    spec_config_sent = json.loads(json.dumps(kwargs.get("speculative_config")))  # vLLM adds objects to the dict
     start = time.perf_counter()
     llm = LLM(**kwargs)
     startup_s = time.perf_counter() - start
@@ -202,7 +203,7 @@ def run_engine(spec: dict, emit) -> None:
     drafter_tally = DispatchTally(drafter.cudagraph_dispatcher) if k and hasattr(drafter, "cudagraph_dispatcher") else None
     summary = engine_config_summary(llm)
     emit({"event": "engine", "k": k, "variant": variant, "startup_s": startup_s, "engine_kwargs": spec["engine_kwargs"],
-          "speculative_config": kwargs.get("speculative_config"), **summary})
+          "speculative_config": spec_config_sent, **summary})
 
     phase_s = collections.Counter()
     if spec.get("time_phases") and k:
@@ -289,20 +290,51 @@ def engine_kwargs_for(variant: str, k: int, args, max_batch: int) -> tuple[dict,
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Speedup of every (k, variant, profile, batch) over k=0 (default variant) at the same batch."""
-    base = {r["batch"]: r["wall_s"] for r in rows if r.get("event") == "batch" and r["k"] == 0}
+    """Per (k, variant, profile, batch) row: speedup = mean k=0 wall time at that batch (all k=0 runs
+    in ``rows``) / this wall time, and step_cost = this run's ms per target forward / k=0's (the
+    effective c(k) of an RL-shaped batch)."""
+    import statistics
+
+    batch_rows = [r for r in rows if r.get("event") == "batch"]
+    base_wall, base_ms = collections.defaultdict(list), collections.defaultdict(list)
+    for r in batch_rows:
+        if r["k"] == 0:
+            base_wall[r["batch"]].append(r["wall_s"])
+            base_ms[r["batch"]].append(r["ms_per_target_forward"])
     table = []
-    for r in rows:
-        if r.get("event") != "batch" or r["batch"] not in base:
+    for r in batch_rows:
+        if r["batch"] not in base_wall:
             continue
         table.append({"k": r["k"], "variant": r["variant"], "profile": r["profile"], "batch": r["batch"],
-                      "wall_s": round(r["wall_s"], 3), "speedup": round(base[r["batch"]] / r["wall_s"], 3),
+                      "wall_s": round(r["wall_s"], 3),
+                      "speedup": round(statistics.mean(base_wall[r["batch"]]) / r["wall_s"], 3),
+                      "step_cost": round(r["ms_per_target_forward"] / statistics.mean(base_ms[r["batch"]]), 3),
                       "tokens_per_s": round(r["tokens_per_s"], 1),
                       "acceptance_per_pos": [round(a, 3) for a in r["acceptance_per_pos"]],
                       "mean_acceptance_length": round(r["mean_acceptance_length"], 3),
                       "target_forwards": r.get("target_forwards"),
                       "target_graph_calls": r.get("target_dispatch", {}).get("calls")})
     return {"event": "summary", "speedup_vs_k0": table}
+
+
+def markdown_tables(table: list[dict]) -> str:
+    """One markdown table per profile: rows (k, variant), columns batch; cells 'speedup (c)', several
+    runs of one cell joined by ' / '."""
+    out = []
+    batches = sorted({t["batch"] for t in table})
+    profiles = [p for p in dict.fromkeys(t["profile"] for t in table) if p != "none"]
+    for prof in profiles:
+        keys = sorted({(t["k"], t["variant"]) for t in table if t["profile"] == prof})
+        out += [f"**{prof}**", "", "| k | settings | " + " | ".join(f"batch {b}" for b in batches) + " |",
+                "|---|---|" + "---|" * len(batches)]
+        for k, variant in keys:
+            cells = []
+            for b in batches:
+                runs = [t for t in table if (t["k"], t["variant"], t["profile"], t["batch"]) == (k, variant, prof, b)]
+                cells.append(" / ".join(f"{t['speedup']:.2f}x ({t['step_cost']:.2f})" for t in runs) or "")
+            out.append(f"| {k} | {variant} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -341,8 +373,10 @@ def main(argv: list[str] | None = None) -> dict | None:
                       f"max graph {r['max_cudagraph_capture_size']} tokens, max_num_seqs {r['max_num_seqs']}")
             elif r.get("event") == "engine_failed":
                 print(f"engine k={r['k']} {r['variant']} FAILED rc={r['returncode']}")
-        for t in summarize(rows)["speedup_vs_k0"]:
+        table = summarize(rows)["speedup_vs_k0"]
+        for t in table:
             print(" ".join(f"{key}={val}" for key, val in t.items()))
+        print(markdown_tables(table))
         return None
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 

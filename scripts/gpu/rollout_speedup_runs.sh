@@ -18,10 +18,11 @@ bench() {  # bench KS VARIANTS BATCHES [extra args]
     --prompt-len 128 --temperature 1.0 --ks "$ks" --variants "$variants" --batches "$batches" \
     --profile "$SKYRL" --profile "$PROJECT" --out "$RS/results.jsonl" "$@"
 }
-stages=${*:-base3 tuned3 base4 tuned4 base1 base2 tuned1 tuned2 schedule}
+stages=${*:-k0 base3 tuned3 base4 tuned4 base1 base2 tuned1 tuned2 schedule}
 for s in $stages; do
   case $s in
-    base3) bench 0,3 default 128,512,32 ;;
+    k0) bench 0 default 128,512,32 ;;
+    base3) bench 3 default 128,512,32 ;;
     tuned3) bench 3 tuned 512,128 ;;
     base4) bench 4 default 128,512,32 ;;
     tuned4) bench 4 tuned 128,512 ;;
@@ -29,6 +30,8 @@ for s in $stages; do
     base2) bench 2 default 128,512,32 ;;
     tuned1) bench 1 tuned 512 ;;
     tuned2) bench 2 tuned 512 ;;
+    rep0) bench 0 default 128,128 ;;  # the same batch twice: first-run effects
+    rep1) bench 1 default 128,128 ;;
     schedule) bench 3 schedule 128 --schedule 1-16:3,17-64:2,65-1024:1 ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
