@@ -82,6 +82,28 @@ class WeightSyncError(RuntimeError):
     """A weight sync was refused; the engine stays on its previous weights and version."""
 
 
+# Fault injection for drills of the all-or-nothing sync (and the tests): "<phase>@<engine>" or
+# "<phase>@<engine>:<version>", comma-separated; phase "prepare" (validation of the staged set) or
+# "commit" (the apply, between target and drafter). Read by each engine at start-up; Ray passes
+# the driver's environment to its actors.
+WEIGHT_SYNC_FAULT_ENV = "SKYRL_MTP_WEIGHT_SYNC_FAULT"
+
+
+def parse_weight_sync_faults(spec: str, engine_index: int) -> list[tuple[str, int | None]]:
+    """The (phase, version or None) faults of ``spec`` (``WEIGHT_SYNC_FAULT_ENV``) for one engine."""
+    faults = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        try:
+            phase, _, target = item.partition("@")
+            engine, _, version = target.partition(":")
+            if int(engine) == engine_index:
+                faults.append((phase, int(version) if version else None))
+        except ValueError:
+            raise ValueError(f"{WEIGHT_SYNC_FAULT_ENV}={spec!r}: expected '<phase>@<engine>[:<version>]' items, "
+                             f"e.g. 'commit@1:3'") from None
+    return faults
+
+
 # ----------------------------------------------------------------------------------------------
 # Pure helpers (used by the engine and the driver; no vLLM)
 # ----------------------------------------------------------------------------------------------
@@ -268,6 +290,8 @@ class RolloutEngine:
         self.weight_version = 0
         self._weights_consistent = True
         self._sync: _OpenSync | None = None
+        for phase, version in parse_weight_sync_faults(os.environ.get(WEIGHT_SYNC_FAULT_ENV, ""), engine_index):
+            self.arm_weight_sync_fault(phase, version)
         if config.warmup:
             self._warmup()
         self.startup_s = time.perf_counter() - start
@@ -302,6 +326,10 @@ class RolloutEngine:
 
     def get_weight_version(self) -> int:
         return self.weight_version
+
+    def weight_state(self) -> int | None:
+        """The weight version this engine serves; None when its last apply failed (inconsistent)."""
+        return self.weight_version if self._weights_consistent else None
 
     def spec_decode_counters(self) -> SpecDecodeCounters:
         return counters_from_vllm_metrics(self.llm.get_metrics())
@@ -448,6 +476,12 @@ class RolloutEngine:
         self._weights_consistent = True
         stats.update(engine_index=self.index, version=version)
         return stats
+
+    def arm_weight_sync_fault(self, phase: str, version: int | None = None) -> None:
+        """Makes this engine's next weight sync (or the one to ``version``) fail once in ``phase``:
+        "prepare" (validating the staged set) or "commit" (the apply, after the target model is
+        reloaded and before the drafter is). For tests and drills of the all-or-nothing sync."""
+        self.llm.collective_rpc("skyrl_arm_weight_sync_fault", args=(phase, version))
 
     def abort_weight_sync(self) -> bool:
         had = self._sync is not None

@@ -27,7 +27,14 @@ from skyrl_mtp.inference.engine import (
     validate_prompts,
 )
 from skyrl_mtp.inference.metrics import SpecDecodeCounters, SpecDecodeMetricsTracker
-from skyrl_mtp.inference.remote import EngineDiedError, EngineHandle, RolloutEngineError, gather
+from skyrl_mtp.inference.remote import (
+    EngineDiedError,
+    EngineHandle,
+    MixedWeightVersionsError,
+    RolloutEngineError,
+    describe_states,
+    gather,
+)
 from skyrl_mtp.inference.transports.base import WeightSyncStats, WeightTransport, transport_class
 from skyrl_mtp.inference.transports.buckets import NamedTensors
 
@@ -131,6 +138,10 @@ class RolloutEngineGroup:
         """Frees every engine and kills the actors. The group is unusable afterwards."""
         import ray
 
+        try:
+            self.transport.close()
+        except Exception:  # noqa: BLE001 - shutting down regardless
+            pass
         live = [e for e in self.engines if e.alive]
         if live:
             ray.wait([e.actor.shutdown.remote() for e in live], num_returns=len(live), timeout=60)
@@ -195,6 +206,16 @@ class RolloutEngineGroup:
             raise RuntimeError(f"cannot {what}: the group has no engines")
         return self.engines
 
+    def _require_one_version(self, engines: list[EngineHandle]) -> None:
+        """Generation comes from one complete set of weights or not at all: after a sync that failed
+        while engines applied it, some may serve the new version and some the old (or neither)."""
+        states = {e.index: e.weight_version for e in engines}
+        if None in states.values() or len(set(states.values())) > 1:
+            raise MixedWeightVersionsError(
+                f"cannot generate: the rollout engines do not serve one weight version ({describe_states(states)}) "
+                "after a weight sync failed while they applied it; a successful sync_weights brings them together "
+                "(or remove_engine() the odd ones)", states)
+
     # -- generation -----------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
@@ -213,6 +234,7 @@ class RolloutEngineGroup:
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; pass one per prompt")
         engines = self._require_all_alive("generate")
+        self._require_one_version(engines)
         bounds = shard_bounds(len(prompts), len(engines))
         # Validate every prompt against the engine it is bound for before any engine starts work.
         ids: list[list[int]] = []
@@ -231,13 +253,21 @@ class RolloutEngineGroup:
 
     @property
     def weight_version(self) -> int:
+        """The last version every engine applied."""
         return self._weight_version
+
+    def engine_versions(self) -> dict[int, int | None]:
+        """Each engine's weight version as the last sync left it (None: inconsistent or unknown)."""
+        return {e.index: e.weight_version for e in self.engines}
 
     def sync_weights(self, named_tensors: NamedTensors | Any, version: int | None = None) -> WeightSyncStats:
         """Loads HF-named tensors (the checkpoint's names, MTP head included) into every engine's
         target model and drafter, resets their prefix caches and sets their weight version to
-        ``version`` (default: current + 1). All engines switch, or all stay on the old version.
-        With the cuda_ipc transport the source is the policy workers (an ``IpcWeightSource``)."""
+        ``version`` (default: current + 1). Every engine stages and validates the whole set before
+        any applies it, so a failure before the apply leaves all engines on the old version; a
+        failure while applying raises ``WeightCommitError`` and ``generate`` then refuses until a
+        sync succeeds (``engine_versions()`` shows the state). With the cuda_ipc transport the
+        source is the policy workers (an ``IpcWeightSource``)."""
         engines = self._require_all_alive("sync weights")
         floor = max(self._weight_version, self._last_attempted_version)
         version = floor + 1 if version is None else version

@@ -31,6 +31,25 @@ class EngineTimeoutError(RolloutEngineError):
     """The engine did not answer within the configured timeout."""
 
 
+class WeightCommitError(RolloutEngineError):
+    """A weight sync failed while engines applied it (after every engine had staged and validated
+    it): ``states`` maps each engine index to its weight version afterwards, None where the
+    engine's weights are inconsistent (or unknown); the group refuses to generate until they agree."""
+
+    def __init__(self, engine_index: int, message: str, cause: BaseException | None, states: dict[int, int | None]):
+        super().__init__(engine_index, message, cause)
+        self.states = states
+
+
+class MixedWeightVersionsError(RuntimeError):
+    """The engines do not all serve one complete weight version (a weight sync failed while they
+    applied it); ``states`` as in ``WeightCommitError``."""
+
+    def __init__(self, message: str, states: dict[int, int | None]):
+        super().__init__(message)
+        self.states = states
+
+
 @dataclass
 class EngineHandle:
     """One engine actor as the driver sees it. ``index`` is stable for the group's lifetime."""
@@ -40,9 +59,17 @@ class EngineHandle:
     pid: int | None = None
     alive: bool = True
     death_cause: str | None = field(default=None, repr=False)
+    # The weight version the engine serves, as the last weight sync left it; None: inconsistent
+    # (its apply failed) or unknown (it did not answer). Kept by the transports' push.
+    weight_version: int | None = 0
 
     def describe(self) -> str:
         return f"rollout engine {self.index}" + (f" (pid {self.pid})" if self.pid is not None else "")
+
+
+def describe_states(states: dict[int, int | None]) -> str:
+    """'engine 0: version 3, engine 1: inconsistent' for error messages."""
+    return ", ".join(f"engine {i}: " + ("inconsistent" if v is None else f"version {v}") for i, v in sorted(states.items()))
 
 
 def gather(calls: Sequence[tuple[EngineHandle, Any]], what: str, timeout_s: float | None = None) -> list[Any]:
@@ -52,39 +79,47 @@ def gather(calls: Sequence[tuple[EngineHandle, Any]], what: str, timeout_s: floa
     first failure is raised as a ``RolloutEngineError`` naming its engine, with the other failed
     engines listed in the message. Engines whose actor died are marked ``alive = False``.
     """
-    import ray
-    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    results: list[Any] = [None] * len(calls)
-    errors: list[RolloutEngineError] = []
-    for i, (engine, ref) in enumerate(calls):
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            results[i] = ray.get(ref, timeout=remaining)
-        except GetTimeoutError as exc:
-            try:
-                ray.cancel(ref, force=False)  # best effort: a running actor call may not be interruptible
-            except Exception:  # noqa: BLE001 - the timeout is the error to report
-                pass
-            errors.append(EngineTimeoutError(
-                engine.index, f"{engine.describe()} did not finish {what} within {timeout_s} s", exc))
-        except RayActorError as exc:
-            engine.alive = False
-            engine.death_cause = _short(exc)
-            errors.append(EngineDiedError(
-                engine.index, f"{engine.describe()} died during {what}: {engine.death_cause}", exc))
-        except RayTaskError as exc:
-            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-            errors.append(RolloutEngineError(
-                engine.index, f"{engine.describe()} failed in {what}: {type(cause).__name__}: {_short(cause)}", cause))
+    outcomes = gather_outcomes(calls, what, timeout_s)
+    errors = [o for o in outcomes if isinstance(o, RolloutEngineError)]
     if errors:
         first = errors[0]
         if len(errors) > 1:
             others = ", ".join(f"engine {e.engine_index}" for e in errors[1:])
             first.args = (f"{first.args[0]} (also failed: {others})",)
         raise first
-    return results
+    return outcomes
+
+
+def gather_outcomes(calls: Sequence[tuple[EngineHandle, Any]], what: str,
+                    timeout_s: float | None = None) -> list[Any]:
+    """Like ``gather`` but returns, per call, its result or the ``RolloutEngineError`` naming its
+    engine, for callers that must know which engines succeeded (the commit phase of a sync)."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    outcomes: list[Any] = [None] * len(calls)
+    for i, (engine, ref) in enumerate(calls):
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            outcomes[i] = ray.get(ref, timeout=remaining)
+        except GetTimeoutError as exc:
+            try:
+                ray.cancel(ref, force=False)  # best effort: a running actor call may not be interruptible
+            except Exception:  # noqa: BLE001 - the timeout is the error to report
+                pass
+            outcomes[i] = EngineTimeoutError(
+                engine.index, f"{engine.describe()} did not finish {what} within {timeout_s} s", exc)
+        except RayActorError as exc:
+            engine.alive = False
+            engine.death_cause = _short(exc)
+            outcomes[i] = EngineDiedError(
+                engine.index, f"{engine.describe()} died during {what}: {engine.death_cause}", exc)
+        except RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            outcomes[i] = RolloutEngineError(
+                engine.index, f"{engine.describe()} failed in {what}: {type(cause).__name__}: {_short(cause)}", cause)
+    return outcomes
 
 
 def _short(exc: BaseException, limit: int = 800) -> str:

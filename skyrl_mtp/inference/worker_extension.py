@@ -28,13 +28,14 @@ module only imports a transport's receiving function when that transport is used
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from skyrl_mtp.inference.transports.buckets import StagedWeights, TensorPiece
 
 WORKER_EXTENSION = "skyrl_mtp.inference.worker_extension.WeightSyncWorkerExtension"
+WEIGHT_SYNC_FAULT_PHASES = ("prepare", "commit")
 
 
 def _unwrap(model: Any) -> Any:
@@ -71,12 +72,14 @@ def get_draft_model(model_runner: Any) -> Any:
     return _unwrap(getattr(drafter, "model", None)) if drafter is not None else None
 
 
-def reload_target_and_drafter(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> dict[str, Any]:
+def reload_target_and_drafter(worker: Any, weights: list[tuple[str, torch.Tensor]],
+                              after_target: Callable[[], None] | None = None) -> dict[str, Any]:
     """Loads checkpoint-format (HF-named) tensors into the worker's target model and drafter.
 
     Both models get the full list: each model's ``load_weights`` keeps the names it owns (the
     target skips ``model.mtp_layers.*``; the MiMo drafter keeps the MTP layers plus the
-    ``embed_tokens``/``lm_head`` it shares with the target).
+    ``embed_tokens``/``lm_head`` it shares with the target). ``after_target`` runs between the two
+    (the injected commit fault, see ``WeightSyncWorkerExtension``).
     """
     from vllm.config import set_current_vllm_config
 
@@ -93,6 +96,8 @@ def reload_target_and_drafter(worker: Any, weights: list[tuple[str, torch.Tensor
             from vllm.model_executor.model_loader.reload.inplace import reload_weights
 
             runner.reload_weights(weights_iterator=iter(weights), weights_path=None, is_checkpoint_format=True)
+            if after_target is not None:
+                after_target()
             if draft is not None:
                 reload_weights(vllm_config, draft, weights_iterator=iter(weights), weights_path=None,
                                is_checkpoint_format=True)
@@ -105,10 +110,12 @@ def reload_target_and_drafter(worker: Any, weights: list[tuple[str, torch.Tensor
             targets = [(_unwrap(runner.get_model()), vllm_config.model_config)]
             if draft is not None:
                 targets.append((draft, getattr(spec, "draft_model_config", None) or vllm_config.model_config))
-            for model, model_config in targets:
+            for i, (model, model_config) in enumerate(targets):
                 initialize_layerwise_reload(model)
                 model.load_weights(iter(weights))
                 finalize_layerwise_reload(model, model_config)
+                if i == 0 and after_target is not None:
+                    after_target()
     return {"api": api, "drafter": draft is not None, "apply_s": time.perf_counter() - start}
 
 
@@ -140,13 +147,15 @@ class WeightSyncWorkerExtension:
         return staged.nbytes
 
     def skyrl_validate_staged_weights(self, version: int) -> int:
-        return len(self._skyrl_current(version).tensors())
+        staged = self._skyrl_current(version)
+        self._skyrl_injected_fault("prepare", version)
+        return len(staged.tensors())
 
     def skyrl_finish_weight_update(self, version: int) -> dict[str, Any]:
         staged = self._skyrl_current(version)
         self._skyrl_staged = None  # a failed apply must not be retried from stale buffers
         weights = staged.tensors()
-        stats = reload_target_and_drafter(self, weights)
+        stats = reload_target_and_drafter(self, weights, lambda: self._skyrl_injected_fault("commit", version))
         stats.update(num_tensors=len(weights), nbytes=staged.nbytes, num_buckets=staged.num_buckets)
         return stats
 
@@ -154,6 +163,24 @@ class WeightSyncWorkerExtension:
         had = getattr(self, "_skyrl_staged", None) is not None
         self._skyrl_staged = None
         return had
+
+    # Fault injection (tests and drills of the all-or-nothing sync): an armed phase raises once,
+    # at the given version or at the next sync. "prepare" fails the validation of the staged set;
+    # "commit" fails the apply after the target is reloaded and before the drafter is, so the
+    # engine really is left half-applied.
+
+    def skyrl_arm_weight_sync_fault(self, phase: str, version: int | None) -> None:
+        if phase not in WEIGHT_SYNC_FAULT_PHASES:
+            raise ValueError(f"weight-sync fault phase must be one of {WEIGHT_SYNC_FAULT_PHASES}, got {phase!r}")
+        if not hasattr(self, "_skyrl_faults"):
+            self._skyrl_faults = {}
+        self._skyrl_faults[phase] = version
+
+    def _skyrl_injected_fault(self, phase: str, version: int) -> None:
+        faults = getattr(self, "_skyrl_faults", {})
+        if phase in faults and faults[phase] in (None, version):
+            del faults[phase]
+            raise RuntimeError(f"injected weight-sync fault in {phase} of version {version}")
 
     def _skyrl_current(self, version: int) -> StagedWeights:
         staged = getattr(self, "_skyrl_staged", None)

@@ -42,6 +42,7 @@ class WeightSyncStats:
     nbytes: int = 0
     max_bucket_bytes: int = 0
     total_s: float = 0.0
+    deliver_s: float = 0.0  # begin + delivery of every bucket to every engine (before validation and apply)
     per_engine: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def add_bucket(self, *, num_whole: int, nbytes: int) -> None:
@@ -76,25 +77,67 @@ class WeightTransport(ABC):
         """Stages every bucket of ``source`` on every engine (counting them in ``stats``)."""
 
     def push(self, engines: Sequence[Any], source: Any, version: int) -> WeightSyncStats:
-        """Delivers and applies one full set of weights as ``version`` on every engine."""
+        """Delivers and applies one full set of weights as ``version`` on every engine.
+
+        All or nothing across engines: every engine stages and validates the whole set before any
+        engine applies it, so a failure up to that point (sender, transport, validation, an engine
+        that refuses or dies) aborts the sync everywhere and every engine keeps its weights. A
+        failure while engines apply raises ``WeightCommitError`` with every engine's state; the
+        engines' ``weight_version`` (on their handles) then disagree, which makes the group refuse
+        to generate until a later sync succeeds.
+        """
         from skyrl_mtp.inference.remote import gather
 
         stats = WeightSyncStats(version=version, transport=self.name)
         start = time.perf_counter()
-        gather([(e, e.actor.begin_weight_sync.remote(version, self.name)) for e in engines],
-               f"begin_weight_sync(version={version})", self.timeout_s)
         try:
+            gather([(e, e.actor.begin_weight_sync.remote(version, self.name)) for e in engines],
+                   f"begin_weight_sync(version={version})", self.timeout_s)
             self.deliver(engines, source, version, stats)
+            stats.deliver_s = time.perf_counter() - start
             gather([(e, e.actor.prepare_weight_sync.remote(version)) for e in engines],
                    f"prepare_weight_sync(version={version})", self.timeout_s)
-            results = gather([(e, e.actor.finish_weight_sync.remote(version)) for e in engines],
-                             f"finish_weight_sync(version={version})", self.timeout_s)
-        except BaseException:
+        except BaseException as exc:
             abort_everywhere(engines)
+            exc.add_note(f"weight sync to version {version} was aborted before any engine applied it: every engine "
+                         "keeps its previous weights and version")
             raise
-        stats.per_engine = {e.index: r for e, r in zip(engines, results)}
+        stats.per_engine = commit_everywhere(engines, version, self.timeout_s)
         stats.total_s = time.perf_counter() - start
         return stats
+
+
+def commit_everywhere(engines: Sequence[Any], version: int, timeout_s: float | None) -> dict[int, dict[str, Any]]:
+    """Phase 2: every engine applies its staged, validated ``version``. Records each engine's
+    resulting version on its handle; raises ``WeightCommitError`` naming the engines whose apply
+    failed and the state every engine is left in."""
+    from skyrl_mtp.inference.remote import WeightCommitError, describe_states, gather, gather_outcomes
+
+    outcomes = gather_outcomes([(e, e.actor.finish_weight_sync.remote(version)) for e in engines],
+                               f"finish_weight_sync(version={version})", timeout_s)
+    failed = [(e, o) for e, o in zip(engines, outcomes) if isinstance(o, Exception)]
+    if not failed:
+        for e in engines:
+            e.weight_version = version
+        return {e.index: o for e, o in zip(engines, outcomes)}
+    # Ask the engines rather than guess: a refusal before the apply leaves an engine on its old
+    # version, a failed apply leaves it inconsistent; one that does not answer counts as inconsistent.
+    states = {}
+    for e in engines:
+        e.weight_version = None
+        if e.alive:
+            try:
+                e.weight_version = gather([(e, e.actor.weight_state.remote())], "weight_state", 60)[0]
+            except Exception:  # noqa: BLE001 - an engine that cannot say is not usable
+                pass
+        states[e.index] = e.weight_version
+    first_engine, first = failed[0]
+    others = "".join(f"; also {o}" for _, o in failed[1:])
+    raise WeightCommitError(
+        first_engine.index,
+        f"weight sync to version {version} failed while engines applied it: {first}{others}. "
+        f"Engines now: {describe_states(states)}; the group refuses to generate until a weight sync succeeds",
+        first, states)
 
 
 def abort_everywhere(engines: Sequence[Any]) -> None:
