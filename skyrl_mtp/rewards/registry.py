@@ -12,7 +12,9 @@ Built-ins:
   (:func:`skyrl_mtp.data.synthetic.sort_reward`);
 * ``math`` - 1.0/0.0 from ``math-verify`` on the last ``\\boxed{}`` / ``Answer:``
   (:func:`skyrl_mtp.rewards.math.math_reward`);
-* ``exact_match`` - 1.0 if the response equals the answer after stripping surrounding whitespace.
+* ``exact_match`` - 1.0 if the response equals the answer after stripping surrounding whitespace;
+* ``search_exact`` - 1.0 if a search episode's last ``<answer>...</answer>`` equals the answer after
+  stripping (:func:`skyrl_mtp.envs.search.search_exact_reward`; the search environment's own test).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 from skyrl_mtp.data.synthetic import sort_reward
+from skyrl_mtp.envs.search import search_exact_reward
 from skyrl_mtp.rewards.math import math_reward
 
 
@@ -73,3 +76,4 @@ def exact_match_reward(response_text: str, answer: str, **extra) -> float:
 register_reward("sort")(sort_reward)
 register_reward("math")(math_reward)
 register_reward("exact_match")(exact_match_reward)
+register_reward("search_exact")(search_exact_reward)
