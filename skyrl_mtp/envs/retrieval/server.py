@@ -148,6 +148,8 @@ class _PooledHTTPServer(socketserver.TCPServer):
     def _serve(self, request, client_address) -> None:
         try:
             self.finish_request(request, client_address)
+        except (ConnectionError, TimeoutError) as err:  # the client gave up (e.g. its timeout) or stalled
+            log.debug("retrieval server: %s while serving %s", type(err).__name__, client_address)
         except Exception:
             self.handle_error(request, client_address)
         finally:
