@@ -300,12 +300,12 @@ def hung_server():
 
 
 def test_client_hung_server_times_out_within_timeout(hung_server):
-    client = RetrievalClient(hung_server, timeout_s=0.5)
+    client = RetrievalClient(hung_server, timeout_s=1.0)
     start = time.perf_counter()
-    with pytest.raises(RetrievalTimeout, match=r"no .*answer within 0.5 s"):
+    with pytest.raises(RetrievalTimeout, match=r"no .*answer within 1 s"):
         client.search(["x"], 1)
     elapsed = time.perf_counter() - start
-    assert 0.45 <= elapsed < 0.5 + 0.3
+    assert 0.95 <= elapsed < 1.0 + 0.5
 
 
 class _BadHandler(BaseHTTPRequestHandler):
@@ -341,7 +341,7 @@ class _BadHandler(BaseHTTPRequestHandler):
     ("http_500", RetrievalBadResponse, "HTTP 500: disk on fire"),
     ("wrong_shape", RetrievalBadResponse, "expected up to 1 items"),
     ("wrong_count", RetrievalBadResponse, "one list per query"),
-    ("trickle", RetrievalTimeout, "within 0.5 s"),
+    ("trickle", RetrievalTimeout, "within 1 s"),  # bytes keep coming: only the total deadline stops it
 ])
 def test_client_bad_answers(mode, error, message):
     """A deliberately broken HTTP server (not the retrieval server) to reach the client's checks."""
@@ -350,12 +350,12 @@ def test_client_bad_answers(mode, error, message):
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
-        client = RetrievalClient(f"http://127.0.0.1:{httpd.server_address[1]}", timeout_s=0.5)
+        client = RetrievalClient(f"http://127.0.0.1:{httpd.server_address[1]}", timeout_s=1.0)
         start = time.perf_counter()
         with pytest.raises(error, match=message) as err:
             client.search(["q"], 1)
         assert isinstance(err.value, RetrievalError)
-        assert time.perf_counter() - start < 0.5 + 0.3
+        assert time.perf_counter() - start < 1.0 + 0.5
     finally:
         httpd.shutdown()
         httpd.server_close()
