@@ -21,7 +21,7 @@ from skyrl_mtp.config.schema import Config, resolve_weight_transport, validate_c
 from skyrl_mtp.trainer.checkpoint import CheckpointManager, check_compatible
 
 
-WARM_START_TASKS = ("sort",)  # built-in tasks with reference responses for the supervised warm start
+WARM_START_TASKS = ("sort", "search")  # built-in tasks with reference responses for the supervised warm start
 
 
 def _log(msg: str) -> None:
@@ -38,7 +38,7 @@ class RLTrainer:
         self.cfg = validate_config(cfg)  # every config error surfaces here, before Ray starts
         self.run_dir = Path(cfg.trainer.run_dir)
         self.ckpt = CheckpointManager(self.run_dir, cfg.trainer.keep_last_n)
-        self.policy = self.ref = self.engines = None
+        self.policy = self.ref = self.engines = self.retrieval_server = None
         self._frozen_head = None
         self.step = 0
 
@@ -83,9 +83,40 @@ class RLTrainer:
 
     def warm_start_sequences(self, tokenizer, n: int):
         """Reference (prompt, response, mask) sequences of the built-in tasks for the warm start."""
-        from skyrl_mtp.trainer.warm_start import sort_sft_sequences
+        from skyrl_mtp.trainer.warm_start import sort_sft_sequences, trajectory_sft_sequences
 
+        if self.cfg.data.name == "search":
+            task = self.search_task()
+            trajectories = task.sft_trajectories(task.index(), topk=self.cfg.env.topk)
+            return trajectory_sft_sequences(tokenizer, trajectories, n, seed=self.cfg.model.init_seed)
         return sort_sft_sequences(tokenizer, self.cfg.model.init_seed, n)
+
+    def search_task(self):
+        from skyrl_mtp.data.search_task import SearchTask
+
+        return SearchTask(seed=self.cfg.data.seed)
+
+    def start_environments(self):
+        """The factory of one episode's environment (None: single-turn), and for the search
+        environment its retrieval server (started on loopback unless env.retrieval_url is given)."""
+        e = self.cfg.env
+        if e.name is None:
+            return None
+        from skyrl_mtp.envs.base import get_env
+
+        resources = None
+        if e.name == "search":
+            from skyrl_mtp.envs.retrieval import RetrievalClient, start_retrieval_server
+
+            url = e.retrieval_url
+            if url is None:
+                corpus = e.corpus_path or self.search_task().corpus()
+                self.retrieval_server = start_retrieval_server(corpus, max_concurrency=e.max_concurrency)
+                url = self.retrieval_server.url
+                _log(f"retrieval server (BM25) on {url}")
+            resources = RetrievalClient(url, timeout_s=e.timeout_s)
+        factory = get_env(e.name)
+        return lambda: factory(e, resources)
 
     def speculative_tokens(self) -> int | None:
         g, k = self.cfg.generator, self.cfg.trainer.mtp
@@ -111,6 +142,9 @@ class RLTrainer:
                              speculative_method=(g.speculative_config or {}).get("method", "mtp"),
                              draft_sample_method=g.draft_sample_method,
                              max_model_len=g.max_model_len, dtype=g.dtype, seed=self.cfg.trainer.seed,
+                             # the requests of one generation round each engine runs at once
+                             max_num_seqs=-(-self.cfg.trainer.train_batch_size * self.cfg.trainer.n_samples_per_prompt
+                                            // g.num_engines),
                              gpu_memory_utilization=g.gpu_memory_utilization, enforce_eager=g.enforce_eager,
                              bucket_bytes=g.weight_sync_bucket_mb << 20, num_cpus_per_engine=g.num_cpus_per_engine,
                              num_gpus_per_engine=g.num_gpus_per_engine,
@@ -123,6 +157,10 @@ class RLTrainer:
         if d.name == "sort":
             train = synthetic_examples(d.seed, d.num_train, "train")
             evals = synthetic_examples(d.seed + 1, d.num_eval, "eval")
+        elif d.name == "search":
+            task = self.search_task()
+            train = task.examples("train")
+            evals = task.examples("eval", min(d.num_eval, len(task.examples("eval"))))
         else:
             train = load_examples(d.train_path, prompt_key=d.prompt_key, answer_key=d.answer_key)
             evals = (load_examples(d.eval_path, prompt_key=d.prompt_key, answer_key=d.answer_key)[: d.num_eval]
@@ -173,7 +211,8 @@ class RLTrainer:
                                    num_cpus_per_worker=mg.num_cpus_per_worker,
                                    num_gpus_per_worker=mg.num_gpus_per_worker, num_threads=mg.threads_per_worker)
         self.engines = RolloutEngineGroup(self.rollout_config(self.model_path))
-        self.rollouts = RolloutCollector(c, self.engines, self.train_data, self.tokenizer, self.reward_fn)
+        self.rollouts = RolloutCollector(c, self.engines, self.train_data, self.tokenizer, self.reward_fn,
+                                         make_env=self.start_environments())
         _log(f"weight sync: {self.engines.transport.name} transport, buckets of {c.generator.weight_sync_bucket_mb} MB")
 
     def maybe_resume(self) -> None:
@@ -371,6 +410,8 @@ class RLTrainer:
     def shutdown(self) -> None:
         import ray
 
+        if self.retrieval_server is not None:
+            self.retrieval_server.close()
         for group in (self.engines, self.policy, self.ref):
             if group is not None:
                 try:

@@ -20,6 +20,7 @@ resumed run draws exactly what the uninterrupted run would have drawn.
 from __future__ import annotations
 
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -193,8 +194,12 @@ class RolloutCollector:
                                                               turn) for e in active],
                     max_tokens=[budget - len(e.response_ids) for e in active])
                 self.engines.metrics.pause(label)
-                for e, (s,) in zip(active, out):
-                    self._advance(e, s, last_turn=turn == cfg.env.max_turns - 1)
+                texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for (s,) in out]
+                # tool calls block (HTTP, up to env.timeout_s): run the episodes' steps side by side
+                with ThreadPoolExecutor(max_workers=min(32, len(active))) as pool:
+                    results = list(pool.map(lambda pair: pair[0].env.step(pair[1]), zip(active, texts)))
+                for e, (s,), result in zip(active, out, results):
+                    self._advance(e, s, result, last_turn=turn == cfg.env.max_turns - 1)
         finally:
             for e in episodes:
                 e.env.close()
@@ -205,16 +210,14 @@ class RolloutCollector:
         self.shape(rollouts)
         return rollouts
 
-    def _advance(self, e: _Episode, s, *, last_turn: bool) -> None:
-        """One model turn of an episode: keep the model's tokens, step the environment, append its
+    def _advance(self, e: _Episode, s, result, *, last_turn: bool) -> None:
+        """One model turn of an episode: keep the model's tokens, then append the environment's
         observation (masked out) or finish the episode."""
         budget = self.cfg.generator.max_response_length
         e.turns += 1
         e.response_ids += s.token_ids
         e.response_mask += [1] * len(s.token_ids)
         e.logprobs += s.logprobs if s.logprobs is not None else [0.0] * len(s.token_ids)
-        text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
-        result = e.env.step(text)
         for key, value in result.info.items():
             e.info[key] += value
         if result.done:

@@ -39,6 +39,32 @@ def sort_sft_sequences(tokenizer, seed: int, n: int) -> list[SftSequence]:
     return out
 
 
+def trajectory_sft_sequences(tokenizer, trajectories: list[tuple[str, list[tuple[str, str]]]], n: int, *,
+                             seed: int) -> list[SftSequence]:
+    """`n` sequences of gold multi-turn trajectories ``(prompt, [(model turn, observation), ...])``,
+    drawn in a seeded order over repeated passes: model turns are trained on, observations (what
+    the environment returns) are not. Turns and observations are tokenized piece by piece, exactly
+    as the rollout loop concatenates token ids."""
+    import random
+
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    base = []
+    for prompt, turns in trajectories:
+        ids, mask = [], []
+        for turn, observation in turns:
+            turn_ids, obs_ids = encode(turn), encode(observation) if observation else []
+            ids += turn_ids + obs_ids
+            mask += [1] * len(turn_ids) + [0] * len(obs_ids)
+        base.append((encode(prompt), ids, mask))
+    rng = random.Random(seed)
+    out: list[SftSequence] = []
+    while len(out) < n:
+        order = list(range(len(base)))
+        rng.shuffle(order)
+        out += [base[i] for i in order]
+    return out[:n]
+
+
 def warm_start(init_path: str | Path, out_dir: str | Path, *, sequences: list[SftSequence], steps: int,
                batch_size: int, lr: float, seed: int, pad_id: int, num_cpus_per_worker: float = 1.0,
                num_gpus_per_worker: float = 0.0, params_dtype: str = "float32", threads: int = 1,
