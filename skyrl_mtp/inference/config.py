@@ -38,7 +38,7 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     num_speculative_tokens: int | None = None
     speculative_method: str = "mtp"
-    draft_sample_method: str = "greedy"  # greedy | probabilistic (vLLM SpeculativeConfig.draft_sample_method)
+    draft_sample_method: str = "probabilistic"  # greedy | probabilistic (vLLM SpeculativeConfig.draft_sample_method)
     max_model_len: int = 2048
     dtype: str = "auto"
     seed: int = 0
@@ -86,8 +86,9 @@ class RolloutConfig:
                              f"got {self.draft_sample_method!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"RolloutConfig.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        if self.weight_transport not in ("ray", "cuda_ipc"):
-            raise ValueError(f"RolloutConfig.weight_transport must be 'ray' or 'cuda_ipc', got {self.weight_transport!r}")
+        if self.weight_transport not in ("ray", "cuda_ipc", "broadcast"):
+            raise ValueError("RolloutConfig.weight_transport must be 'ray', 'cuda_ipc' or 'broadcast', "
+                             f"got {self.weight_transport!r}")
         if self.weight_transport == "cuda_ipc" and self.device == "cpu":
             raise ValueError("RolloutConfig.weight_transport='cuda_ipc' needs CUDA engines, device is 'cpu'; use 'ray'")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."
 PY=${PYTHON:-.venv/bin/python}
 exec "$PY" -m skyrl_mtp.train algorithm=dapo model=tiny data=sort generator=cpu megatron=cpu \
-  trainer.mtp.enabled=true trainer.mtp.num_speculative_tokens=2 trainer.mtp.loss_type=soft_ce \
+  trainer.mtp.enabled=true trainer.mtp.num_speculative_tokens=2 trainer.mtp.loss_type=tv \
+  generator.draft_sample_method=probabilistic \
   trainer.total_steps=100 trainer.warm_start.steps=100 trainer.eval_every=20 trainer.save_every=5 \
   trainer.ppo_mini_batch_size=4 trainer.optim.lr=2e-4 \
   trainer.run_dir=runs/tiny_cpu_dapo trainer.experiment_name=tiny_cpu_dapo "$@"
