@@ -197,7 +197,9 @@ class GeneratorConfig:
     draft_sample_method: str = "greedy"
     weight_sync_bucket_mb: int = 64
     # ray: through host memory and Ray's object store (any placement); cuda_ipc: GPU to GPU for
-    # engines on the policy's GPU; auto: cuda_ipc when colocated on one GPU, else ray.
+    # engines on the policy's GPU; broadcast: the policy's rank 0 broadcasts to every engine worker
+    # over a torch.distributed group (gloo on CPU, NCCL on GPUs; engines on other GPUs or nodes);
+    # auto: cuda_ipc when colocated on one GPU, else ray.
     weight_transport: str = "auto"
     num_cpus_per_engine: float = 1.0
     # null: tensor_parallel_size whole GPUs per engine; a fraction shares one GPU with the policy
@@ -243,7 +245,7 @@ KNOWN_AGG = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
 KNOWN_DATA = ("sort", "jsonl", "parquet")
 
 
-WEIGHT_TRANSPORTS = ("auto", "ray", "cuda_ipc")
+WEIGHT_TRANSPORTS = ("auto", "ray", "cuda_ipc", "broadcast")
 DRAFT_SAMPLE_METHODS = ("greedy", "probabilistic")
 
 
@@ -421,6 +423,10 @@ def validate_config(cfg: Config) -> Config:
         bad("generator.weight_transport", g.weight_transport,
             "CUDA IPC needs the engines on the policy's GPU: set generator.num_gpus_per_engine and "
             "megatron.num_gpus_per_worker to fractions of one GPU (e.g. 0.5 and 0.5), or use ray")
+    elif g.weight_transport == "broadcast" and _colocated(cfg):
+        bad("generator.weight_transport", g.weight_transport,
+            "the NCCL broadcast cannot have the policy and an engine on one GPU (generator.num_gpus_per_engine and "
+            "megatron.num_gpus_per_worker are fractions of one GPU): use cuda_ipc (or auto) for colocated engines")
     if g.draft_sample_method not in DRAFT_SAMPLE_METHODS:
         bad("generator.draft_sample_method", g.draft_sample_method, f"use one of {list(DRAFT_SAMPLE_METHODS)}")
     if g.speculative_config is not None and "method" not in g.speculative_config:

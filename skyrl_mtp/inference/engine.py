@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 from skyrl_mtp.inference.config import RolloutConfig, SamplingConfig
 from skyrl_mtp.inference.metrics import SpecDecodeCounters, counters_from_vllm_metrics
+from skyrl_mtp.inference.transports.base import TRANSPORTS
 from skyrl_mtp.inference.transports.buckets import PieceSpec, TensorPiece
 from skyrl_mtp.inference.worker_extension import WORKER_EXTENSION
 
@@ -249,6 +250,7 @@ class _OpenSync:
     num_buckets: int = 0
     prepared: bool = False
     names: set[str] = field(default_factory=set)
+    plan: list[tuple[PieceSpec, ...]] | None = None  # broadcast: the checked bucket plan
 
 
 class RolloutEngine:
@@ -290,6 +292,7 @@ class RolloutEngine:
         self.weight_version = 0
         self._weights_consistent = True
         self._sync: _OpenSync | None = None
+        self._broadcast: dict[str, Any] | None = None  # the weight-broadcast group this engine's workers are in
         for phase, version in parse_weight_sync_faults(os.environ.get(WEIGHT_SYNC_FAULT_ENV, ""), engine_index):
             self.arm_weight_sync_fault(phase, version)
         if config.warmup:
@@ -394,9 +397,9 @@ class RolloutEngine:
     # -- weight sync (engine side of the two-phase push in transports/base.py) ---------------
 
     def begin_weight_sync(self, version: int, transport: str) -> None:
-        if transport not in ("ray", "cuda_ipc"):
+        if transport not in TRANSPORTS:
             raise ValueError(f"{self._name}: weight transport {transport!r} is not implemented by this engine "
-                             "(ray, cuda_ipc)")
+                             f"({', '.join(TRANSPORTS)})")
         if transport == "cuda_ipc" and self.device != "cuda":
             raise ValueError(f"{self._name}: the cuda_ipc weight transport needs a CUDA engine, this one runs on "
                              f"{self.device}; use weight_transport=ray")
@@ -417,6 +420,84 @@ class RolloutEngine:
         worker copies it out before this returns."""
         return self._stage(version, bucket_index, "cuda_ipc", list(getattr(bucket, "specs", [bucket])), PieceSpec,
                            "skyrl_stage_ipc_bucket", bucket)
+
+    # -- broadcast transport (transports/broadcast.py): every vLLM worker of the engine is a member
+
+    def num_workers(self) -> int:
+        """vLLM workers of this engine: each is a member of the weight-broadcast group."""
+        return self.config.tensor_parallel_size
+
+    def join_weight_broadcast(self, rendezvous: dict[str, Any], first_rank: int) -> None:
+        """Collective with the sender and every other engine: each worker joins as rank
+        ``first_rank`` + its rank in this engine."""
+        if rendezvous.get("backend") == "nccl" and self.device != "cuda":
+            raise ValueError(f"{self._name}: a weight broadcast over NCCL needs a CUDA engine, this one runs on "
+                             f"{self.device} (a sender on the CPU broadcasts over gloo)")
+        self.leave_weight_broadcast()
+        self.llm.collective_rpc("skyrl_join_weight_broadcast", args=(rendezvous, first_rank))
+        self._broadcast = dict(rendezvous, first_rank=first_rank)
+
+    def leave_weight_broadcast(self) -> bool:
+        """Leaves the weight-broadcast group, dropping a broadcast sync whose buckets have started
+        to arrive through it (one just begun may still be delivered through the next group)."""
+        if self._sync is not None and self._sync.transport == "broadcast" and self._sync.plan is not None:
+            self.abort_weight_sync()
+        had, self._broadcast = self._broadcast is not None, None
+        if had:
+            self.llm.collective_rpc("skyrl_leave_weight_broadcast")
+        return had
+
+    def check_weight_plan(self, version: int, plan: list[tuple[PieceSpec, ...]]) -> int:
+        """A whole sync's bucket plan, checked before any byte moves: every piece a float tensor
+        of the checkpoint with the checkpoint's shape, and no checkpoint tensor missing. Returns the
+        number of tensors; a refusal aborts the sync."""
+        sync = self._open_sync(version)
+        try:
+            if sync.transport != "broadcast" or self._broadcast is None:
+                raise WeightSyncError(f"{self._name}: a bucket plan belongs to a broadcast sync from the engine's "
+                                      f"weight-broadcast group (sync begun with {sync.transport}, "
+                                      f"{'in a group' if self._broadcast else 'no group joined'})")
+            specs = [s for bucket in plan for s in bucket]
+            self._check_pieces(specs, PieceSpec)
+            self._check_complete(version, {s.name for s in specs})
+        except BaseException:
+            self.abort_weight_sync()
+            raise
+        sync.plan = [tuple(bucket) for bucket in plan]
+        return len({s.name for s in specs})
+
+    def receive_broadcast_bucket(self, version: int, bucket_index: int, specs: tuple[PieceSpec, ...]) -> int:
+        """Takes part in the broadcast of bucket ``bucket_index`` (its pieces were checked with the
+        plan). A broadcast is a collective: the workers receive the bucket whatever this engine
+        then decides, so a refusal never leaves the sender and the other engines waiting; a
+        refused bucket is dropped and aborts the sync."""
+        if self._broadcast is None:
+            raise WeightSyncError(f"{self._name}: not in a weight-broadcast group")
+        refusal: BaseException | None = None
+        sync = self._sync
+        try:
+            sync = self._open_sync(version)
+            if sync.transport != "broadcast":
+                raise WeightSyncError(f"{self._name}: a broadcast bucket for a sync begun with {sync.transport}")
+            if sync.plan is None:
+                raise WeightSyncError(f"{self._name}: broadcast bucket {bucket_index} of version {version} arrived "
+                                      "before its plan was checked")
+            if bucket_index != sync.num_buckets or tuple(specs) != sync.plan[bucket_index]:
+                raise WeightSyncError(f"{self._name}: broadcast bucket {bucket_index} of version {version} is not "
+                                      f"bucket {sync.num_buckets} of the checked plan")
+        except BaseException as exc:  # noqa: BLE001 - raised after the collective
+            refusal = exc
+        try:
+            staged = self.llm.collective_rpc("skyrl_receive_broadcast_bucket",
+                                             args=(version, tuple(specs), refusal is None))[0]
+            if refusal is not None:
+                raise refusal
+        except BaseException:
+            self.abort_weight_sync()
+            raise
+        sync.num_buckets += 1
+        sync.names.update(s.name for s in specs)
+        return int(staged)
 
     def _stage(self, version: int, bucket_index: int, transport: str, pieces: list, piece_type: type,
                rpc: str, payload: Any) -> int:
@@ -443,13 +524,7 @@ class RolloutEngine:
         every row of split tensors) without touching the model. Returns the staged tensor count."""
         sync = self._open_sync(version)
         try:
-            if self._expected_shapes is not None:
-                missing = sorted(set(self._expected_shapes) - sync.names)
-                if missing:
-                    raise WeightSyncError(
-                        f"{self._name}: weight sync to version {version} is missing {len(missing)} of "
-                        f"{len(self._expected_shapes)} checkpoint tensors (first: {missing[:3]}); "
-                        f"the engine keeps version {self.weight_version}")
+            self._check_complete(version, sync.names)
             count = self.llm.collective_rpc("skyrl_validate_staged_weights", args=(version,))[0]
         except BaseException:
             self.abort_weight_sync()
@@ -495,6 +570,17 @@ class RolloutEngine:
             raise WeightSyncError(f"{self._name}: no weight sync for version {version} is open (open: {open_version})")
         return self._sync
 
+    def _check_complete(self, version: int, names: set[str]) -> None:
+        """Every checkpoint tensor is among ``names``."""
+        if self._expected_shapes is None:
+            return
+        missing = sorted(set(self._expected_shapes) - names)
+        if missing:
+            raise WeightSyncError(
+                f"{self._name}: weight sync to version {version} is missing {len(missing)} of "
+                f"{len(self._expected_shapes)} checkpoint tensors (first: {missing[:3]}); "
+                f"the engine keeps version {self.weight_version}")
+
     def _check_pieces(self, pieces: list, piece_type: type) -> None:
         """Each piece: of the transport's type, floating point, and a checkpoint tensor's shape."""
         for p in pieces:
@@ -517,6 +603,10 @@ class RolloutEngine:
     def shutdown(self) -> None:
         """Frees the engine (the actor stays until killed)."""
         if getattr(self, "llm", None) is not None:
+            try:
+                self.leave_weight_broadcast()
+            except Exception:  # noqa: BLE001 - shutting down regardless
+                pass
             del self.llm
             self.llm = None
             gc.collect()

@@ -146,6 +146,33 @@ class WeightSyncWorkerExtension:
         staged.add(open_bucket(bucket))
         return staged.nbytes
 
+    # -- broadcast transport: this worker is rank first_rank + self.rank of the group
+
+    def skyrl_join_weight_broadcast(self, rendezvous: dict[str, Any], first_rank: int) -> None:
+        from skyrl_mtp.inference.transports.broadcast import BroadcastGroup
+
+        self.skyrl_leave_weight_broadcast()
+        self._skyrl_broadcast = BroadcastGroup(rendezvous, first_rank + int(getattr(self, "rank", 0)))
+
+    def skyrl_receive_broadcast_bucket(self, version: int, specs: tuple, stage: bool) -> int:
+        """Receives one bucket (always: it is a collective), then stages it if ``stage``."""
+        from skyrl_mtp.inference.transports.broadcast import receive_bucket
+
+        group = getattr(self, "_skyrl_broadcast", None)
+        if group is None:
+            raise RuntimeError("this vLLM worker is not in a weight-broadcast group")
+        pieces = receive_bucket(group, specs)
+        if not stage:
+            return 0
+        staged = self._skyrl_current(version)
+        staged.add(pieces)
+        return staged.nbytes
+
+    def skyrl_leave_weight_broadcast(self) -> None:
+        group, self._skyrl_broadcast = getattr(self, "_skyrl_broadcast", None), None
+        if group is not None:
+            group.close()
+
     def skyrl_validate_staged_weights(self, version: int) -> int:
         staged = self._skyrl_current(version)
         self._skyrl_injected_fault("prepare", version)

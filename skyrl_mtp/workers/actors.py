@@ -85,6 +85,46 @@ class _PolicyActor:
         if sender is not None:
             sender.close()
 
+    # -- weight broadcast (broadcast transport): the holding rank is rank 0 of the broadcast group
+
+    def weight_broadcast_backend(self) -> str:
+        return "nccl" if self.policy.device.type == "cuda" else "gloo"
+
+    def listen_weight_broadcast(self, world_size: int, backend: str, timeout_s: float, group_id: str) -> dict:
+        from skyrl_mtp.inference.transports.broadcast import BroadcastWeightSender
+
+        self.leave_weight_broadcast()
+        self._broadcast = BroadcastWeightSender()
+        return self._broadcast.listen(world_size, backend, timeout_s, group_id)
+
+    def join_weight_broadcast(self) -> None:
+        self._ensure_thread()
+        self._broadcast.join()
+
+    def open_broadcast_weights(self, version: int, bucket_bytes: int):
+        """Collective over the TP group: exports the weights where they are; the holding rank
+        plans the buckets and returns their specs (None on other ranks)."""
+        self._ensure_thread()
+        hf = self.policy.export_hf_weights(on_device=True)
+        if hf is None:
+            return None
+        if getattr(self, "_broadcast", None) is None:
+            raise RuntimeError(f"policy tp_rank {self.policy.tp_rank} dp_rank {self.policy.dp_rank}: not in a weight-broadcast group")
+        return self._broadcast.open({**getattr(self, "_export_extras", {}), **hf}, bucket_bytes)
+
+    def broadcast_weight_bucket(self, index: int) -> int:
+        self._ensure_thread()
+        return self._broadcast.send(index)
+
+    def close_broadcast_weights(self) -> None:
+        if getattr(self, "_broadcast", None) is not None:
+            self._broadcast.close_weights()
+
+    def leave_weight_broadcast(self) -> None:
+        sender, self._broadcast = getattr(self, "_broadcast", None), None
+        if sender is not None:
+            sender.leave()
+
     def save_checkpoint(self, directory: str, extra: dict | None = None):
         self._ensure_thread()
         self.policy.save_checkpoint(directory, extra)
@@ -170,6 +210,29 @@ class WorkerGroup:
 
     def close_ipc_weights(self) -> None:
         ray.get([a.close_ipc_weights.remote() for a in self.actors])
+
+    # -- the BroadcastWeightSource of skyrl_mtp.inference.transports.broadcast: the holding rank is rank 0
+
+    def weight_broadcast_backend(self) -> str:
+        return ray.get(self.actors[self._holder].weight_broadcast_backend.remote())
+
+    def listen_weight_broadcast(self, world_size: int, backend: str, timeout_s: float, group_id: str) -> dict:
+        return ray.get(self.actors[self._holder].listen_weight_broadcast.remote(world_size, backend, timeout_s, group_id))
+
+    def join_weight_broadcast(self) -> None:
+        ray.get(self.actors[self._holder].join_weight_broadcast.remote())
+
+    def open_broadcast_weights(self, version: int, bucket_bytes: int):
+        return ray.get([a.open_broadcast_weights.remote(version, bucket_bytes) for a in self.actors])[self._holder]
+
+    def broadcast_weight_bucket(self, index: int) -> int:
+        return ray.get(self.actors[self._holder].broadcast_weight_bucket.remote(index))
+
+    def close_broadcast_weights(self) -> None:
+        ray.get([a.close_broadcast_weights.remote() for a in self.actors])
+
+    def leave_weight_broadcast(self) -> None:
+        ray.get(self.actors[self._holder].leave_weight_broadcast.remote())
 
     @property
     def _holder(self) -> int:

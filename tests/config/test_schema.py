@@ -69,6 +69,8 @@ def test_weight_transport_auto_picks_cuda_ipc_only_when_colocated_on_one_gpu():
     assert resolve_weight_transport(compose_cfg(colocated + ["generator.num_engines=2"])) == "ray"
     assert resolve_weight_transport(compose_cfg(colocated + ["megatron.dp_size=2"])) == "ray"
     assert resolve_weight_transport(compose_cfg(colocated + ["generator.weight_transport=ray"])) == "ray"
+    broadcast = compose_cfg(["generator.weight_transport=broadcast"])
+    assert resolve_weight_transport(validate_config(broadcast)) == "broadcast"  # CPU: gloo from the policy
 
 
 BAD = [
@@ -90,6 +92,8 @@ BAD = [
     (["generator.num_gpus_per_engine=0.7", "megatron.num_gpus_per_worker=0.5"], r"add up to 1.2 > 1"),
     (["generator.weight_transport=nccl"], r"generator.weight_transport='nccl': use one of"),
     (["generator.weight_transport=cuda_ipc"], r"generator.weight_transport='cuda_ipc': CUDA IPC needs the engines on"),
+    (["generator.weight_transport=broadcast", "generator.num_gpus_per_engine=0.5", "megatron.num_gpus_per_worker=0.5"],
+     r"generator.weight_transport='broadcast': the NCCL broadcast cannot have the policy and an engine on one GPU"),
     (["trainer.mtp.enabled=true", "trainer.mtp.num_speculative_tokens=0"], r"trainer.mtp.num_speculative_tokens=0"),
     (["trainer.mtp.enabled=true", "trainer.mtp.loss_type=kl"], r"trainer.mtp.loss_type='kl': unknown draft loss"),
     (["trainer.mtp.enabled=true", "trainer.mtp.loss_type=topk_soft_ce", "trainer.mtp.topk=0"], r"trainer.mtp.topk=0"),

