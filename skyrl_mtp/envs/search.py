@@ -81,6 +81,19 @@ def answer_matches(answer_text: str, reference: str) -> bool:
     return answer_text.strip() == str(reference).strip()
 
 
+def answer_score(answer_text: str, reference: str, partial_credit: bool = False) -> float:
+    """1.0 for an exact match (after stripping), else 0.0; with `partial_credit` the share of
+    positions where the characters agree, over the longer of the two (so a wrong length costs too),
+    the same scheme as the sort task's reward. Partial credit gives a small model a gradient
+    before it gets whole answers right (the CPU search task); real QA keeps exact match."""
+    got, want = answer_text.strip(), str(reference).strip()
+    if got == want:
+        return 1.0
+    if not partial_credit or not got:
+        return 0.0
+    return sum(a == b for a, b in zip(got, want)) / max(len(got), len(want))
+
+
 def search_exact_reward(response_text: str, answer: str, **extra) -> float:
     """Reward of a whole search episode's text: 1.0 if its last ``<answer>...</answer>`` matches
     `answer` exactly (after stripping), else 0.0 (also when it has no answer). Registered as
@@ -97,13 +110,14 @@ class SearchEnv(TextEnv):
 
     stop = (SEARCH_CLOSE, ANSWER_CLOSE)
 
-    def __init__(self, retriever: Retriever, topk: int = 3) -> None:
+    def __init__(self, retriever: Retriever, topk: int = 3, partial_credit: bool = False) -> None:
         if not hasattr(retriever, "search"):
             raise TypeError(f"SearchEnv needs a retriever with search(queries, topk), got {retriever!r}")
         if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
             raise ValueError(f"topk must be an integer >= 1 (env.topk), got {topk!r}")
         self.retriever = retriever
         self.topk = topk
+        self.partial_credit = partial_credit
         self.answer: str | None = None
         self.done = False
         self.last_error: str | None = None
@@ -131,7 +145,7 @@ class SearchEnv(TextEnv):
             return EnvStep(information(f"error: {content}"), 0.0, False, info)
         if kind == "answer":
             self.done = True
-            reward = 1.0 if answer_matches(content, self.answer) else 0.0
+            reward = answer_score(content, self.answer, self.partial_credit)
             return EnvStep("", reward, True, info)
         info["tool_calls"] = 1.0
         try:
@@ -164,4 +178,4 @@ def make_search_env(config: "EnvConfig", resources: Any = None) -> SearchEnv:
                              "or `python -m skyrl_mtp.envs.retrieval --corpus FILE --port N`) and pass "
                              "RetrievalClient(server.url, env.timeout_s), or set env.retrieval_url=http://HOST:PORT")
         resources = RetrievalClient(config.retrieval_url, config.timeout_s)
-    return SearchEnv(resources, topk=config.topk)
+    return SearchEnv(resources, topk=config.topk, partial_credit=config.answer_reward == "partial")

@@ -177,3 +177,14 @@ def test_search_exact_reward_agrees_with_the_env(env, task):
         text = f"<search>{name}</search>{obs}{final}"
         assert search_exact_reward(text, code) == last.reward
     assert search_exact_reward(f"the code is {code}", code) == 0.0  # no answer tag, no reward
+
+
+def test_partial_credit_scores_matching_positions():
+    from skyrl_mtp.envs.search import answer_score
+
+    assert answer_score(" 1553 ", "1553") == 1.0 and answer_score("1553", "1553", True) == 1.0
+    assert answer_score("1503", "1553") == 0.0  # exact match only by default
+    assert answer_score("1503", "1553", partial_credit=True) == 0.75  # 3 of 4 positions
+    assert answer_score("15", "1553", partial_credit=True) == 0.5  # too short: over the longer length
+    assert answer_score("155390", "1553", partial_credit=True) == 4 / 6  # too long
+    assert answer_score("", "1553", partial_credit=True) == 0.0

@@ -11,7 +11,7 @@ PY=${PYTHON:-.venv/bin/python}
 exec "$PY" -m skyrl_mtp.train algorithm=dapo model=tiny data=search env.name=search generator=cpu megatron=cpu \
   trainer.mtp.enabled=true trainer.mtp.num_speculative_tokens=2 trainer.mtp.loss_type=tv \
   generator.draft_sample_method=probabilistic generator.max_response_length=128 generator.max_model_len=256 \
-  env.max_turns=3 algorithm.overlong.buffer_len=0 \
+  env.max_turns=3 env.answer_reward=partial algorithm.overlong.buffer_len=0 \
   trainer.total_steps=60 trainer.warm_start.steps=40 trainer.eval_every=10 trainer.save_every=10 \
   trainer.train_batch_size=16 trainer.n_samples_per_prompt=4 trainer.ppo_mini_batch_size=4 trainer.optim.lr=2e-4 \
   trainer.run_dir=runs/tiny_cpu_search trainer.experiment_name=tiny_cpu_search "$@"
