@@ -125,6 +125,7 @@ class EnvConfig:
     retrieval_url: Optional[str] = None  # search: a running retrieval server; null: the run starts one on loopback
     corpus_path: Optional[str] = None  # JSONL {"id", "contents"} for the started server; null: the task's built-in corpus
     topk: int = 3  # documents per search
+    answer_reward: str = "exact"  # exact | partial (share of matching characters: the tiny CPU task)
     timeout_s: float = 5.0  # per tool call; a timeout fails that step (an error observation), not the run
     max_concurrency: int = 64  # requests the started server serves at once (the rest queue)
 
@@ -136,7 +137,7 @@ class MtpConfig:
 
     enabled: bool = False
     num_speculative_tokens: int = 1  # = draft depths trained: depths beyond the head's layers reuse the last
-    loss_type: str = "soft_ce"
+    loss_type: str = "tv"  # with probabilistic drafting, acceptance = 1 - TV: what this loss minimises
     loss_weight: float = 1.0
     topk: int = 32  # loss_type=topk_soft_ce: the teacher's top-k tokens
     detach_shared_output: bool = True  # the draft loss does not train the (policy's) output layer
@@ -194,7 +195,7 @@ class GeneratorConfig:
     # How the drafter picks its tokens: greedy (its argmax; a draft is accepted with the target's
     # probability of it) or probabilistic (sampled at the request's temperature; accepted with
     # min(1, p/q), so acceptance is 1 - TV(p, q), what the tv draft loss minimises)
-    draft_sample_method: str = "greedy"
+    draft_sample_method: str = "probabilistic"  # the better of the two on the demo task (docs/performance.md)
     weight_sync_bucket_mb: int = 64
     # ray: through host memory and Ray's object store (any placement); cuda_ipc: GPU to GPU for
     # engines on the policy's GPU; broadcast: the policy's rank 0 broadcasts to every engine worker
@@ -242,7 +243,7 @@ class Config:
 
 KNOWN_ALGORITHMS = ("grpo", "dapo")
 KNOWN_AGG = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
-KNOWN_DATA = ("sort", "jsonl", "parquet")
+KNOWN_DATA = ("sort", "search", "jsonl", "parquet")
 
 
 WEIGHT_TRANSPORTS = ("auto", "ray", "cuda_ipc", "broadcast")
@@ -432,6 +433,21 @@ def validate_config(cfg: Config) -> Config:
     if g.speculative_config is not None and "method" not in g.speculative_config:
         bad("generator.speculative_config", g.speculative_config, "needs a 'method' (e.g. mtp)")
 
+    if cfg.env.name is not None:
+        from skyrl_mtp.envs.base import known_envs
+
+        if cfg.env.name not in known_envs():
+            bad("env.name", cfg.env.name, f"unknown environment; use one of {known_envs()} or null (single turn)")
+        if cfg.env.answer_reward not in ("exact", "partial"):
+            bad("env.answer_reward", cfg.env.answer_reward, "use exact or partial")
+        if cfg.env.max_turns < 1:
+            bad("env.max_turns", cfg.env.max_turns, "must be >= 1")
+        if cfg.env.timeout_s <= 0:
+            bad("env.timeout_s", cfg.env.timeout_s, "must be > 0 (seconds per tool call)")
+        if cfg.env.corpus_path is not None and not Path(cfg.env.corpus_path).is_file():
+            bad("env.corpus_path", cfg.env.corpus_path, "file not found (JSONL of {\"id\", \"contents\"})")
+    elif d.name == "search":
+        bad("data.name", d.name, "the search task needs its tool: set env.name=search")
     if d.name not in KNOWN_DATA:
         bad("data.name", d.name, f"use one of {list(KNOWN_DATA)}")
     elif d.name in ("jsonl", "parquet"):

@@ -148,6 +148,7 @@ def sampling_params_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
         top_k=sampling.top_k,
         max_tokens=sampling.max_tokens,
         ignore_eos=sampling.ignore_eos,
+        include_stop_str_in_output=sampling.include_stop_str_in_output,
         logprobs=0 if sampling.logprobs else None,  # 0: only the sampled token's logprob
         seed=sampling.seed,
     )
@@ -199,6 +200,15 @@ def llm_kwargs(config: RolloutConfig, device: str) -> dict[str, Any]:
                                         "draft_sample_method": config.draft_sample_method}
     if config.max_num_seqs is not None:
         kwargs["max_num_seqs"] = config.max_num_seqs
+    if device == "cuda" and config.drafting and not kwargs["enforce_eager"]:
+        # CUDA graphs for every decode batch up to max_num_seqs at 1 + k query tokens per request
+        # (vLLM's defaults stop at 512 tokens, so big drafting batches ran eagerly: docs/rollout_speed.md)
+        from skyrl_mtp.inference.spec_tuning import engine_kwargs_for_drafting
+
+        tuned = engine_kwargs_for_drafting(config.num_speculative_tokens, config.max_num_seqs or 256)
+        if config.max_num_batched_tokens is not None:
+            tuned.pop("max_num_batched_tokens", None)
+        kwargs.update(tuned)
     if device == "cpu":
         # Whole prefills only. A prefill split over steps samples a token that is discarded, and
         # vLLM then rewinds the request's generator with set_offset, which a seeded CPU generator
@@ -343,11 +353,12 @@ class RolloutEngine:
     # -- generation ---------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-                 first_prompt_index: int = 0, seeds: Sequence[int] | None = None) -> EngineGeneration:
+                 first_prompt_index: int = 0, seeds: Sequence[int] | None = None,
+                 max_tokens: Sequence[int] | None = None) -> EngineGeneration:
         """Generates ``sampling.n`` continuations per prompt. ``first_prompt_index`` offsets the
         ``prompt_index`` of the returned samples (the group passes each shard's global offset).
         ``seeds`` (one per prompt) give each request its own random stream instead of
-        ``sampling.seed``."""
+        ``sampling.seed``; ``max_tokens`` (one per prompt) its own budget."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -359,12 +370,16 @@ class RolloutEngine:
                                "the model is inconsistent until a weight sync succeeds")
         ids = validate_prompts(prompts, self.max_model_len, where=self._name, vocab_size=self.vocab_size,
                                first_index=first_prompt_index)
-        if seeds is None:
+        if seeds is None and max_tokens is None:
             params = SamplingParams(**sampling_params_kwargs(sampling))
         else:
-            if len(seeds) != len(ids):
-                raise ValueError(f"{self._name}: {len(seeds)} seeds for {len(ids)} prompts; pass one per prompt")
-            params = [SamplingParams(**sampling_params_kwargs(sampling.replace(seed=int(seed)))) for seed in seeds]
+            for name, values in (("seeds", seeds), ("max_tokens", max_tokens)):
+                if values is not None and len(values) != len(ids):
+                    raise ValueError(f"{self._name}: {len(values)} {name} for {len(ids)} prompts; pass one per prompt")
+            params = [SamplingParams(**sampling_params_kwargs(sampling.replace(
+                seed=sampling.seed if seeds is None else int(seeds[i]),
+                max_tokens=sampling.max_tokens if max_tokens is None else int(max_tokens[i]))))
+                for i in range(len(ids))]
         start = time.perf_counter()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
         wall = time.perf_counter() - start

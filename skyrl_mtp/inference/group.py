@@ -219,20 +219,22 @@ class RolloutEngineGroup:
     # -- generation -----------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-                 seeds: Sequence[int] | None = None) -> list[list[RolloutSample]]:
+                 seeds: Sequence[int] | None = None,
+                 max_tokens: Sequence[int] | None = None) -> list[list[RolloutSample]]:
         """``sampling.n`` samples for each prompt (token-id lists), as ``result[prompt][sample]``,
         with prompts split evenly (contiguously) across the engines. ``seeds`` (one per prompt)
-        give each request its own random stream."""
-        return self.generate_detailed(prompts, sampling, seeds)[0]
+        give each request its own random stream; ``max_tokens`` (one per prompt) its own budget."""
+        return self.generate_detailed(prompts, sampling, seeds, max_tokens)[0]
 
     def generate_detailed(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-                          seeds: Sequence[int] | None = None,
+                          seeds: Sequence[int] | None = None, max_tokens: Sequence[int] | None = None,
                           ) -> tuple[list[list[RolloutSample]], list[EngineGeneration]]:
         """Like ``generate`` and also returns each engine's ``EngineGeneration`` (timing, token counts)."""
         if not isinstance(sampling, SamplingConfig):
             raise TypeError(f"expected a SamplingConfig, got {type(sampling).__name__}")
-        if seeds is not None and len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; pass one per prompt")
+        for name, values in (("seeds", seeds), ("max_tokens", max_tokens)):
+            if values is not None and len(values) != len(prompts):
+                raise ValueError(f"{len(values)} {name} for {len(prompts)} prompts; pass one per prompt")
         engines = self._require_all_alive("generate")
         self._require_one_version(engines)
         bounds = shard_bounds(len(prompts), len(engines))
@@ -243,7 +245,8 @@ class RolloutEngineGroup:
                                     where=f"{e.describe()}", vocab_size=self._infos[e.index].vocab_size,
                                     first_index=lo)
         calls = [(e, e.actor.generate.remote(ids[lo:hi], sampling, lo,
-                                             None if seeds is None else [int(s) for s in seeds[lo:hi]]))
+                                             None if seeds is None else [int(s) for s in seeds[lo:hi]],
+                                             None if max_tokens is None else [int(m) for m in max_tokens[lo:hi]]))
                  for e, (lo, hi) in zip(engines, bounds) if hi > lo]
         results: list[EngineGeneration] = gather(calls, "generate", self.config.call_timeout_s)
         samples = [per_prompt for r in results for per_prompt in r.samples]
