@@ -275,6 +275,8 @@ class RLTrainer:
         if applied:  # the in-place reload of target + drafter inside the slowest engine
             timings["timing/weight_apply_s"] = max(applied)
         timings["timing/weight_sync_s"] = time.time() - t3
+        timings["timing/weight_deliver_s"] = stats.deliver_s  # begin + every bucket on every engine
+        metrics.update({"weight_sync/bytes": float(stats.nbytes), "weight_sync/buckets": float(stats.num_buckets)})
         return {**metrics, **timings}
 
     def mini_batches(self, batch) -> list[list[int]]:
@@ -310,8 +312,9 @@ class RLTrainer:
     def sync_engine_weights(self, version: int, timings: dict[str, float] | None = None):
         """Policy (+ draft head) -> every engine, as weight ``version``. Ray transport: exported to
         host memory here, then sent; cuda_ipc: the policy rank packs buckets on its GPU and the
-        engines copy them GPU to GPU (export time is then part of the sync)."""
-        if self.engines.transport.name == "cuda_ipc":
+        engines copy them GPU to GPU; broadcast: the policy rank broadcasts the buckets to every
+        engine worker (for both, export time is part of the sync)."""
+        if self.engines.transport.name in ("cuda_ipc", "broadcast"):  # the policy rank sends: no host copy here
             if not self.cfg.trainer.mtp.enabled and self._frozen_head is None:
                 self._frozen_head = self.checkpoint_head()
                 self.policy.set_export_extras(self._frozen_head)
