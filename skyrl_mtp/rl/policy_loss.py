@@ -144,6 +144,27 @@ def _weighted(losses: Tensor, token_weights: Tensor | None) -> Tensor:
     return losses if token_weights is None else losses * token_weights.detach()
 
 
+def _clipped_surrogate(ratio: Tensor, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
+                       response_mask: Tensor, low: float, high: float) -> tuple[Tensor, dict[str, float]]:
+    """Per-token ``max(-A * ratio, -A * clip(ratio, 1 - low, 1 + high))`` and its token-mean
+    metrics: ``policy/clip_frac`` (the clipped branch was taken), ``policy/clip_frac_high`` /
+    ``_low`` (clipped at the upper bound with A > 0 / the lower with A < 0), ``policy/approx_kl``
+    (``mean(old - new)``) and ``policy/ratio_mean``."""
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - low, 1.0 + high)
+    with torch.no_grad():
+        mask = response_mask.bool()
+        r = ratio.detach()
+        metrics = {
+            "policy/clip_frac": masked_mean((clipped > unclipped).float(), mask),
+            "policy/clip_frac_high": masked_mean(((advantages > 0) & (r > 1 + high)).float(), mask),
+            "policy/clip_frac_low": masked_mean(((advantages < 0) & (r < 1 - low)).float(), mask),
+            "policy/approx_kl": masked_mean((old_logprobs - logprobs).detach(), mask),
+            "policy/ratio_mean": masked_mean(r, mask),
+        }
+    return torch.maximum(unclipped, clipped), metrics
+
+
 # --------------------------------------------------------------------------------------------
 # Losses
 # --------------------------------------------------------------------------------------------
@@ -177,33 +198,18 @@ def ppo_clip_loss(
     (``mean(old - new)``) and ``policy/ratio_mean``.
     """
     _check_shapes(logprobs, old_logprobs, advantages, response_mask)
-    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)  # exp stays finite on stale samples
-    ratio = torch.exp(log_ratio)
-    loss_unclipped = -advantages * ratio
-    loss_clipped = -advantages * ratio.clamp(1.0 - config.clip_eps_low, 1.0 + config.clip_eps_high)
-    losses = torch.maximum(loss_unclipped, loss_clipped)
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-20.0, 20.0))  # exp stays finite on stale samples
+    losses, metrics = _clipped_surrogate(ratio, logprobs, old_logprobs, advantages, response_mask,
+                                         config.clip_eps_low, config.clip_eps_high)
     dual_active = torch.zeros_like(losses, dtype=torch.bool)
     if config.clip_ratio_c is not None:
         loss_cap = -advantages * config.clip_ratio_c
         negative = advantages < 0
         dual_active = negative & (losses > loss_cap)
         losses = torch.where(negative, torch.minimum(losses, loss_cap), losses)
+    metrics["policy/dual_clip_frac"] = masked_mean(dual_active.float(), response_mask.bool())
     loss = aggregate_loss(_weighted(losses, token_weights), response_mask, config.loss_agg_mode,
                           num_tokens=num_tokens, num_seqs=num_seqs)
-
-    with torch.no_grad():
-        mask = response_mask.bool()
-        ratio_d = ratio.detach()
-        metrics = {
-            "policy/clip_frac": masked_mean((loss_clipped > loss_unclipped).float(), mask),
-            "policy/clip_frac_high": masked_mean(((advantages > 0) & (ratio_d > 1 + config.clip_eps_high)).float(),
-                                                 mask),
-            "policy/clip_frac_low": masked_mean(((advantages < 0) & (ratio_d < 1 - config.clip_eps_low)).float(),
-                                                mask),
-            "policy/dual_clip_frac": masked_mean(dual_active.float(), mask),
-            "policy/approx_kl": masked_mean(-log_ratio.detach(), mask),
-            "policy/ratio_mean": masked_mean(ratio_d, mask),
-        }
     return loss, metrics
 
 
@@ -233,24 +239,11 @@ def gspo_loss(
     mask = response_mask.to(logprobs.dtype)
     seq_tokens = mask.sum(-1, keepdim=True).clamp(min=1)
     seq_log_ratio = (((logprobs - old_logprobs) * mask).sum(-1, keepdim=True) / seq_tokens).clamp(-20.0, 20.0)
-    log_ratio = seq_log_ratio.detach() + logprobs - logprobs.detach()  # value: s_i; grad: s_i * dlogp_t
-    ratio = torch.exp(log_ratio)
-    low, high = config.gspo.clip_eps_low, config.gspo.clip_eps_high
-    loss_unclipped = -advantages * ratio
-    loss_clipped = -advantages * ratio.clamp(1.0 - low, 1.0 + high)
-    losses = torch.maximum(loss_unclipped, loss_clipped)
+    ratio = torch.exp(seq_log_ratio.detach() + logprobs - logprobs.detach())  # value: s_i; grad: s_i * dlogp_t
+    losses, metrics = _clipped_surrogate(ratio, logprobs, old_logprobs, advantages, response_mask,
+                                         config.gspo.clip_eps_low, config.gspo.clip_eps_high)
     loss = aggregate_loss(_weighted(losses, token_weights), response_mask, config.loss_agg_mode,
                           num_tokens=num_tokens, num_seqs=num_seqs)
-    with torch.no_grad():
-        valid = response_mask.bool()
-        ratio_d = ratio.detach()
-        metrics = {
-            "policy/clip_frac": masked_mean((loss_clipped > loss_unclipped).float(), valid),
-            "policy/clip_frac_high": masked_mean(((advantages > 0) & (ratio_d > 1 + high)).float(), valid),
-            "policy/clip_frac_low": masked_mean(((advantages < 0) & (ratio_d < 1 - low)).float(), valid),
-            "policy/approx_kl": masked_mean((old_logprobs - logprobs).detach(), valid),
-            "policy/ratio_mean": masked_mean(ratio_d, valid),
-        }
     return loss, metrics
 
 
