@@ -168,7 +168,7 @@ def test_engines_start_with_fixes(group):
         assert info.reload_api == "inplace" and info.max_model_len == MAX_MODEL_LEN
         assert info.num_checkpoint_tensors == len(random_hf_state_dict(CFG, 0))
         if info.vllm_version == "0.32.0":  # has the CPU expand-kernel defect (vllm_fixes.py)
-            assert info.vllm_fixes == ["cpu_expand_kernel"]
+            assert info.vllm_fixes == ["cpu_expand_kernel", "seeded_draft_sampling"]
 
 
 def test_generate_shapes_order_and_balance(group):
@@ -348,3 +348,18 @@ def test_killed_engine_is_named_and_the_survivor_keeps_working(group):
     out = group.generate(PROMPTS, sampling)
     assert [s[0].engine_index for s in out] == [0] * len(PROMPTS)
     assert group.metrics.stop()["vllm/generation_tokens"] == 6 * len(PROMPTS)
+
+
+def test_seeded_requests_reproduce_under_probabilistic_drafting(group):
+    """The group drafts probabilistically (RolloutConfig's default), and vLLM draws draft tokens
+    from the global RNG; after the seeded_draft_sampling fix a seeded request's sample no longer
+    depends on what the engine drew before (a resumed RL run redraws the uninterrupted run's)."""
+    assert group.config.draft_sample_method == "probabilistic"
+    sampling = SamplingConfig(temperature=1.0, max_tokens=16, ignore_eos=True)
+    seeds = [11, 12, 13, 14, 15]
+    before = sum(c.num_drafts for c in group.read_counters().values())
+    first = [s[0].token_ids for s in group.generate(PROMPTS, sampling, seeds=seeds)]
+    group.generate(PROMPTS * 3, sampling)  # unseeded traffic moves the global RNG
+    again = [s[0].token_ids for s in group.generate(PROMPTS, sampling, seeds=seeds)]
+    assert sum(c.num_drafts for c in group.read_counters().values()) > before
+    assert first == again
