@@ -84,28 +84,30 @@ def test_rl_loop_without_mtp_has_no_mtp_metrics(tmp_path):
 @pytest.mark.slow
 def test_interrupt_then_resume_continues_the_step_counter(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "skyrl_mtp.train", f"trainer.run_dir={run}", *SMALL, "trainer.total_steps=6",
+    cmd = [sys.executable, "-m", "skyrl_mtp.train", f"trainer.run_dir={run}", *SMALL, "trainer.total_steps=8",
            "trainer.save_every=1", "trainer.mtp.enabled=true"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + 400
     while time.time() < deadline and not (run / "checkpoints" / "step_000002").is_dir():
-        time.sleep(0.5)
+        time.sleep(0.1)
     assert (run / "checkpoints" / "step_000002").is_dir(), "no checkpoint appeared"
     proc.send_signal(signal.SIGINT)  # Ctrl-C mid-training
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0
     done = [r["step"] for r in _rows(run)]
-    assert 2 <= len(done) < 6
+    # 6 steps left after the interrupt: on a starved machine the poll above can still be too late
+    assert len(done) < 8, f"the run finished before the interrupt reached it (rc {proc.returncode}): rerun"
+    assert proc.returncode != 0
+    assert 2 <= len(done)
 
-    resumed = _train(run, "trainer.total_steps=6", "trainer.save_every=1", "trainer.mtp.enabled=true")
+    resumed = _train(run, "trainer.total_steps=8", "trainer.save_every=1", "trainer.mtp.enabled=true")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     steps = [r["step"] for r in _rows(run)]
-    assert steps == list(range(1, 7)), steps  # continues, no duplicated or missing steps
+    assert steps == list(range(1, 9)), steps  # continues, no duplicated or missing steps
     # ... and draws and learns exactly what the uninterrupted run does (per-sample seeds, data
     # cursor, mini-batch shuffles, optimizer and head states all restored)
-    straight = _train(tmp_path / "straight", "trainer.total_steps=6", "trainer.save_every=3", "trainer.mtp.enabled=true")
+    straight = _train(tmp_path / "straight", "trainer.total_steps=8", "trainer.save_every=4", "trainer.mtp.enabled=true")
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
     def drawn_and_learned(row):  # everything but wall-clock times and rates
         return {k: v for k, v in row.items() if not k.startswith("timing/") and not k.endswith(("_time_s", "_per_s"))}
