@@ -36,7 +36,7 @@ from skyrl_mtp.mtp._vocab_parallel import (
 
 LOSS_TYPES = ("soft_ce", "topk_soft_ce", "hard_ce", "tv")
 
-__all__ = ["LOSS_TYPES", "draft_loss", "shift_mask"]
+__all__ = ["LOSS_TYPES", "draft_loss", "draft_loss_from_hidden", "shift_mask"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,6 +121,73 @@ def draft_loss(
     per_position = _DraftLossFunction.apply(student_logits, teacher, labels, plan)
     weights = mask.to(per_position.dtype)
     return (per_position * weights).sum() / weights.sum()
+
+
+def draft_loss_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    teacher_logits: Tensor | None,
+    mask: Tensor,
+    *,
+    loss_type: str,
+    labels: Tensor | None = None,
+    topk: int | None = None,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    tp_group: dist.ProcessGroup | None = None,
+    chunk_size: int | None = None,
+    fused: bool | None = None,
+) -> Tensor:
+    """:func:`draft_loss` of the draft head's logits ``hidden @ weight^T``, from its hidden states.
+
+    The vocabulary projection and the loss go together here so that on CUDA they can run fused
+    (:mod:`skyrl_mtp.mtp.fused_loss`: the ``[B, S, V_local]`` student logits and their gradient
+    are never held for all positions); elsewhere the logits are built and :func:`draft_loss`
+    (the eager reference) runs on them.
+
+    Args:
+        hidden: ``[B, S, H]`` draft-head hidden states, position-aligned with the teacher.
+        weight: ``[V_local, H]`` this rank's shard of the output weight. Always detached: the
+            draft loss never trains the policy's output layer.
+        teacher_logits, mask, loss_type, labels, topk, temperature, vocab_size, tp_group: as in
+            :func:`draft_loss` (teacher ``[B, S, V_local]``).
+        chunk_size: sequence positions per chunk for the eager path, rows per chunk for the
+            fused one (None: the whole sequence eagerly, 2048 rows fused).
+        fused: True forces the fused path (CUDA with Triton, or ``TRITON_INTERPRET=1``), False
+            the eager one; None (default) takes the fused path on CUDA when Triton is importable.
+
+    Returns:
+        The masked mean loss (scalar). The gradient w.r.t. `hidden` is the full one on every TP
+        rank (summed over the vocabulary shards, as Megatron's column-parallel layer does).
+    """
+    from skyrl_mtp.mtp import fused_loss
+
+    if fused is None:
+        fused = hidden.device.type == "cuda" and fused_loss.fused_available(hidden.device)
+    if fused:
+        return fused_loss.fused_linear_draft_loss(
+            hidden, weight, mask, loss_type=loss_type, teacher_logits=teacher_logits, labels=labels, topk=topk,
+            temperature=temperature, vocab_size=vocab_size, tp_group=tp_group, chunk_rows=chunk_size)
+    logits = torch.matmul(_ReduceGradOverTP.apply(hidden, tp_group), weight.detach().t())
+    return draft_loss(logits, teacher_logits, mask, loss_type=loss_type, labels=labels, topk=topk,
+                      temperature=temperature, vocab_size=vocab_size, tp_group=tp_group, chunk_size=chunk_size)
+
+
+class _ReduceGradOverTP(torch.autograd.Function):
+    """Identity whose backward sums the gradient over the TP group: the input is replicated and
+    each rank's vocabulary shard contributes part of its gradient."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        if ctx.group is not None and dist.get_world_size(ctx.group) > 1:
+            grad = grad.contiguous()
+            dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def shift_mask(mask: Tensor, shift: int, cu_seqlens: Tensor | None = None) -> Tensor:
