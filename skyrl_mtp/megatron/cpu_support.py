@@ -12,7 +12,8 @@ and the Megatron optimizer (gradient clipping included) run on CPU by changing e
 2. ``torch.cuda`` runtime calls that have no CPU meaning become harmless: ``current_device``
    returns 0 (which the redirect maps back to CPU), ``synchronize``/``empty_cache``/``set_device``
    do nothing, ``current_stream``/``Stream``/``Event`` return inert stand-ins, and the CUDA RNG
-   state calls act on the CPU generator (Megatron's RNG tracker forks/restores it).
+   state calls act on the CPU generator (Megatron's RNG tracker forks/restores it; activation
+   recompute saves and restores it around each recomputed layer).
 3. ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor`` grads: the redirect makes
    ``Tensor.type()`` report the CUDA type name for CPU float tensors, so the assert holds for the
    same tensors it holds for on GPU.
@@ -115,6 +116,11 @@ def _patch_torch_cuda_runtime() -> None:
     cuda.Event = _InertStream
     cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # Activation recompute (tensor_parallel.checkpoint) reads the state through the submodule.
+    # Its restore goes through torch.cuda._lazy_call, which without CUDA only queues the call:
+    # harmless, because Megatron restores the CPU generator (the same state) with torch.set_rng_state.
+    _originals["random.get_rng_state"] = torch.cuda.random.get_rng_state
+    torch.cuda.random.get_rng_state = lambda *a, **k: torch.get_rng_state()
     # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly.
     cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
     cuda.manual_seed_all = lambda seed: None
@@ -146,7 +152,8 @@ def deactivate() -> None:
         _state.mode = None
     if _patched:
         for name, fn in _originals.items():
-            setattr(torch.cuda, name, fn)
+            module, attr = (torch.cuda.random, name.split(".", 1)[1]) if "." in name else (torch.cuda, name)
+            setattr(module, attr, fn)
         _patched = False
 
 
