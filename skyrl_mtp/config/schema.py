@@ -151,6 +151,10 @@ class WarmStartConfig:
     steps: int = 150
     batch_size: int = 32
     lr: float = 3e-3
+    # Multi-turn tasks: share of warm-start trajectories that call the tool; the others answer at
+    # once with a random code. Below 1 the warm start teaches the format and how to read an
+    # observation but leaves when to call the tool for RL to learn (tiny_cpu_search.sh).
+    tool_share: float = 1.0
 
 
 @dataclass
@@ -379,6 +383,11 @@ def validate_config(cfg: Config) -> Config:
     if k.enabled:
         if k.num_speculative_tokens < 1:
             bad("trainer.mtp.num_speculative_tokens", k.num_speculative_tokens, "must be >= 1 with MTP on")
+    if not 0.0 <= t.warm_start.tool_share <= 1.0:
+        bad("trainer.warm_start.tool_share", t.warm_start.tool_share, "a share of trajectories: use a value in [0, 1]")
+    elif t.warm_start.tool_share < 1.0 and cfg.data.name != "search":
+        bad("trainer.warm_start.tool_share", t.warm_start.tool_share,
+            f"only the multi-turn search task has tool calls to leave out (data.name={cfg.data.name!r}); use 1.0")
         if k.loss_type not in LOSS_TYPES:
             bad("trainer.mtp.loss_type", k.loss_type, f"unknown draft loss; use one of {list(LOSS_TYPES)}")
         if k.loss_type == "topk_soft_ce" and k.topk < 1:

@@ -115,10 +115,28 @@ class SearchTask:
         return BM25Index(self.corpus())
 
     def sft_trajectories(self, lookup: Lookup | object | None = None, split: Split = "train",
-                         topk: int | None = None) -> list[tuple[str, list[tuple[str, str]]]]:
-        """(prompt, gold trajectory) for every example of `split`; `lookup` defaults to :meth:`index`."""
+                         topk: int | None = None, *, tool_share: float = 1.0, passes: int = 1,
+                         seed: int = 0) -> list[tuple[str, list[tuple[str, str]]]]:
+        """(prompt, trajectory) for every example of `split`, `passes` times over; `lookup` defaults
+        to :meth:`index`.
+
+        With ``tool_share`` < 1 each trajectory is the gold one (search, then answer) with that
+        probability, else :func:`guessed_answer_trajectory` (answer at once, a random code), drawn
+        afresh per pass from `seed`, so which names get a guess is not something to memorise. A
+        warm start on such a mix leaves a policy that copies codes from observations but calls the
+        tool only part of the time: what it gains from calling it is left for RL to find.
+        """
+        if not 0.0 <= tool_share <= 1.0:
+            raise ValueError(f"tool_share must be in [0, 1], got {tool_share}")
+        if passes < 1:
+            raise ValueError(f"passes must be >= 1, got {passes}")
         lookup = self.index() if lookup is None else lookup
-        return [(ex["prompt"], search_sft_trajectory(ex, lookup, topk)) for ex in self.examples(split)]
+        gold = [(ex["prompt"], search_sft_trajectory(ex, lookup, topk)) for ex in self.examples(split)]
+        if tool_share == 1.0:
+            return gold * passes
+        rng = random.Random(f"{TASK_NAME}/sft/{self.seed}/{seed}")
+        return [(prompt, turns if rng.random() < tool_share else guessed_answer_trajectory(self.code_digits, rng))
+                for _ in range(passes) for prompt, turns in gold]
 
 
 def _all_names() -> list[str]:
@@ -127,6 +145,12 @@ def _all_names() -> list[str]:
 
 
 DEFAULT_SEARCH_TASK = SearchTask()
+
+
+def guessed_answer_trajectory(code_digits: int, rng: random.Random) -> list[tuple[str, str]]:
+    """One turn that answers without calling the tool: ``[("<answer>CODE</answer>", "")]`` with a
+    uniformly random code of `code_digits` digits (right by chance only)."""
+    return [(f"{ANSWER_OPEN}{rng.randrange(10 ** code_digits):0{code_digits}d}{ANSWER_CLOSE}", "")]
 
 
 def search_sft_trajectory(example: dict, corpus_lookup: Lookup | object,

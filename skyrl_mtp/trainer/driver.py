@@ -87,7 +87,11 @@ class RLTrainer:
 
         if self.cfg.data.name == "search":
             task = self.search_task()
-            trajectories = task.sft_trajectories(task.index(), topk=self.cfg.env.topk)
+            share = self.cfg.trainer.warm_start.tool_share
+            # Enough passes that every drawn sequence has its own tool / guess draw (one pass suffices at 1.0).
+            passes = 1 if share == 1.0 else -(-n // len(task.examples("train")))
+            trajectories = task.sft_trajectories(task.index(), topk=self.cfg.env.topk, tool_share=share,
+                                                 passes=passes, seed=self.cfg.model.init_seed)
             return trajectory_sft_sequences(tokenizer, trajectories, n, seed=self.cfg.model.init_seed)
         return sort_sft_sequences(tokenizer, self.cfg.model.init_seed, n)
 

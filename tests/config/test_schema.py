@@ -113,6 +113,8 @@ BAD = [
     (["trainer.resume=/nonexistent/ckpt"], r"trainer.resume='/nonexistent/ckpt'"),
     (["trainer.loggers=[console,tensorboard]"], r"trainer.loggers='tensorboard'"),
     (["algorithm.overlong.buffer_len=100"], r"algorithm.overlong.buffer_len=100"),
+    (["trainer.warm_start.tool_share=0.5"], r"trainer.warm_start.tool_share=0.5: only the multi-turn search task"),
+    (["data=search", "env.name=search", "trainer.warm_start.tool_share=1.5"], r"trainer.warm_start.tool_share=1.5"),
 ]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from skyrl_mtp.data.search_task import RESERVED, SearchTask, search_sft_trajectory
+from skyrl_mtp.data.search_task import RESERVED, SearchTask, guessed_answer_trajectory, search_sft_trajectory
 from skyrl_mtp.envs import SearchEnv
 from skyrl_mtp.envs.retrieval import RetrievalClient, load_corpus, start_retrieval_server
 
@@ -109,6 +109,41 @@ def test_gold_trajectory_refuses_a_lookup_over_another_corpus(task):
         search_sft_trajectory(ex, SearchTask(seed=1, num_names=10).index())
     with pytest.raises(ValueError, match="not a search-task example"):
         search_sft_trajectory({"prompt": "sort 12 :", "answer": "12", "extra": {"task": "sort"}}, task.index())
+
+
+def test_tool_share_mixes_gold_and_guessed_trajectories(task):
+    index = task.index()
+    gold = {prompt: turns for prompt, turns in task.sft_trajectories(index)}
+    mixed = task.sft_trajectories(index, tool_share=0.3, passes=20, seed=7)
+    assert len(mixed) == 20 * len(gold)
+    searched = [turns == gold[prompt] for prompt, turns in mixed]
+    # 0.3 of 20 x 360 draws: the binomial standard deviation is ~0.005
+    assert abs(sum(searched) / len(searched) - 0.3) < 0.025
+    codes = []
+    for (prompt, turns), used_tool in zip(mixed, searched):
+        if not used_tool:
+            assert len(turns) == 1 and turns[0][1] == ""
+            match = re.fullmatch(r"<answer>(\d{4})</answer>", turns[0][0])
+            assert match, turns
+            codes.append(match.group(1))
+    # guesses are uniform over the 10^4 codes (a guess is right by chance only): as many distinct
+    # codes as n uniform draws give, 10^4 (1 - (1 - 10^-4)^n), within ~5 standard deviations ...
+    expected_distinct = 1e4 * (1 - (1 - 1e-4) ** len(codes))
+    assert abs(len(set(codes)) - expected_distinct) < 150, (len(set(codes)), expected_distinct)
+    # ... and a name's draw changes from pass to pass (nothing to memorise per name)
+    first_pass = searched[:len(gold)]
+    assert first_pass != searched[len(gold):2 * len(gold)]
+    assert task.sft_trajectories(index, tool_share=0.3, passes=20, seed=7) == mixed
+    assert task.sft_trajectories(index, tool_share=0.3, passes=20, seed=8) != mixed
+    with pytest.raises(ValueError, match="tool_share must be in"):
+        task.sft_trajectories(index, tool_share=1.5)
+
+
+def test_guessed_answer_has_the_task_code_width():
+    import random
+
+    turns = guessed_answer_trajectory(6, random.Random(0))
+    assert re.fullmatch(r"<answer>\d{6}</answer>", turns[0][0]) and turns[0][1] == ""
 
 
 def test_token_counts_with_the_tiny_tokenizer(task, tmp_path):
