@@ -18,7 +18,12 @@ from skyrl_mtp.models.mimo import MimoConfig
 
 
 def hf_tensor_shapes(cfg: MimoConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor an HF MiMo checkpoint of `cfg` holds (the single source of truth)."""
+    """Name -> shape of every tensor an HF MiMo checkpoint of `cfg` holds (the single source of truth).
+
+    Other families (``skyrl_mtp.models.qwen3_5``) describe their own tensors: their config has
+    ``hf_tensor_shapes()`` / ``is_mtp_tensor()``, and this module defers to them."""
+    if hasattr(cfg, "hf_tensor_shapes"):
+        return cfg.hf_tensor_shapes()
     h, v, f, d = cfg.hidden_size, cfg.vocab_size, cfg.ffn_hidden_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
 
@@ -61,6 +66,8 @@ def random_hf_state_dict(cfg: MimoConfig, seed: int = 0) -> dict[str, torch.Tens
     Output projections (o_proj, down_proj) use std / sqrt(2 * layers), as Megatron's
     ``scaled_init_method`` does, so deeper presets start in the same regime Megatron would.
     """
+    if hasattr(cfg, "random_hf_state_dict"):
+        return cfg.random_hf_state_dict(seed)
     gen = torch.Generator().manual_seed(seed)
     scaled_std = cfg.init_std / (2.0 * max(cfg.num_layers, 1)) ** 0.5
     out = {}
@@ -79,13 +86,15 @@ def validate_hf_state_dict(cfg: MimoConfig, state: dict[str, torch.Tensor], *, r
     """Raises ValueError naming the first missing or mis-shaped tensor (before any model is built)."""
     expected = hf_tensor_shapes(cfg)
     if require_mtp and cfg.num_mtp_layers < 1:
-        raise ValueError(f"{source}: MTP was requested but config.json has num_nextn_predict_layers=0; "
+        raise ValueError(f"{source}: MTP was requested but config.json has num_nextn_predict_layers=0 "
+                         "(mtp_num_hidden_layers=0 for qwen3_5); "
                          "use a checkpoint with MTP layers or disable MTP (trainer.mtp.enabled=false)")
+    is_mtp = getattr(cfg, "is_mtp_tensor", lambda k: ".mtp_layers." in k)
     if not require_mtp:
-        expected = {k: s for k, s in expected.items() if ".mtp_layers." not in k}
+        expected = {k: s for k, s in expected.items() if not is_mtp(k)}
     missing = sorted(set(expected) - set(state))
     if missing:
-        mtp_missing = [k for k in missing if ".mtp_layers." in k]
+        mtp_missing = [k for k in missing if is_mtp(k)]
         hint = (" (the checkpoint has no MTP tensors; MTP needs them)" if mtp_missing and len(mtp_missing) == len(missing)
                 else "")
         raise ValueError(f"{source}: missing tensor {missing[0]!r}{hint}; {len(missing)} missing in total")
