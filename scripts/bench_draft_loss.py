@@ -241,19 +241,19 @@ def main() -> None:
 
 
 def _liger_loss(loss_type: str, temperature: float):
-    """A Liger fused-linear loss for `loss_type`, or None where Liger has none (or is absent)."""
+    """(a Liger fused-linear loss for `loss_type` or None, why not)."""
+    if loss_type not in ("hard_ce", "soft_ce"):
+        return None, "Liger has no fused-linear top-k soft CE or TV"
+    if loss_type == "hard_ce" and temperature != 1.0:
+        return None, "Liger's fused-linear CE has no temperature"
     try:
         if loss_type == "hard_ce":
             from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-            if temperature != 1.0:
-                return None
-            return LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="mean")
-        if loss_type == "soft_ce":
-            from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
-            return LigerFusedLinearJSD(jsd_beta=0.0, ignore_index=-100, temperature=temperature)
-    except ImportError:
-        return None
-    return None
+            return LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="mean"), ""
+        from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+        return LigerFusedLinearJSD(jsd_beta=0.0, ignore_index=-100, temperature=temperature), ""
+    except Exception as error:  # noqa: BLE001 - reported in the JSON, the other variants still run
+        return None, f"liger-kernel not usable: {type(error).__name__}: {error}"
 
 
 def _reference_fp64(hidden, weight, teacher, mask, labels, loss_type, topk, temperature, rows=512):
@@ -326,16 +326,18 @@ def projection_mode(args: argparse.Namespace) -> dict:
         if loss_type != "hard_ce":
             out["fused_teacher_hidden"] = (lambda h: fused_linear_draft_loss(
                 h, weight, mask, teacher_hidden=teacher_hidden, chunk_rows=args.fused_chunk_rows, **common), True)
-        liger = _liger_loss(loss_type, args.temperature)
-        if liger is not None and loss_type == "hard_ce":
+        liger, why_not = _liger_loss(loss_type, args.temperature)
+        if liger is None:
+            skipped[loss_type] = why_not
+        elif loss_type == "hard_ce":
             out["liger"] = (lambda h: liger(weight, h, labels_ignored), False)
-        elif liger is not None:
+        else:
             out["liger"] = (lambda h: liger(h, weight, teacher_hidden, weight, labels_ignored), True)
         if args.variants:
             out = {k: v for k, v in out.items() if k in args.variants}
         return out
 
-    results = {}
+    results, skipped = {}, {}
     for loss_type in args.loss_types:
         reference = None
         if args.fp64_check:
@@ -382,6 +384,7 @@ def projection_mode(args: argparse.Namespace) -> dict:
         "memory_method": "max_memory_allocated minus allocated before the step (hidden grad included; inputs and "
                          "teacher logits excluded)" if device == "cuda" else "CPU allocator events (torch.profiler)",
         "results": results,
+        "liger_not_run": skipped,
     }
 
 

@@ -208,25 +208,25 @@ def test_matches_float64_reference(loss_type, tp, padded, vocab, dtype, temperat
                                    vocab, temperature)
     results = run_emulated_tp(tp, hidden, weight, teacher, None, mask, labels, loss_type=loss_type, topk=TOPK,
                               temperature=temperature, vocab_size=vocab, chunk_rows=CHUNK)
-    # fp32: only summation order differs. bf16: the logits and their gradient are rounded to bf16
-    # (as the eager path does); the bound below is checked against the eager path's own error.
-    loss_tol, grad_tol = (1e-5, 1e-4) if dtype == torch.float32 else (2e-2, 3e-2)
-    for rank, (loss, grad) in enumerate(results):
-        case = f"{loss_type} tp={tp} rank={rank} {dtype}"
-        assert grad.dtype == dtype and grad.shape == hidden.shape, case
-        assert torch.isfinite(loss) and torch.isfinite(grad).all(), case
-        assert abs(float(loss) - float(ref_loss)) <= loss_tol * abs(float(ref_loss)), (case, float(loss), float(ref_loss))
-        assert _rel(grad, ref_grad) <= grad_tol, (case, _rel(grad, ref_grad))
-    if dtype == torch.bfloat16 and tp == 1:
-        # No worse than today's eager path (bf16 logits, draft_loss, autograd through the matmul).
+    # fp32: only summation order differs. bf16: the logits and their gradient are rounded to bf16,
+    # as on the eager path (bf16 logits, draft_loss, autograd through the matmul), whose own error
+    # against float64 is the bound: the fused path must be no worse (plus a sanity cap).
+    if dtype == torch.float32:
+        loss_tol, grad_tol = 1e-5 * abs(float(ref_loss)), 1e-4
+    else:
         h = hidden.clone().requires_grad_(True)
         eager = draft_loss_from_hidden(h[None], weight, teacher[None], mask[None], loss_type=loss_type,
                                        labels=labels[None], topk=TOPK, temperature=temperature, vocab_size=vocab,
                                        fused=False)
         eager.backward()
-        loss, grad = results[0]
-        assert _rel(grad, ref_grad) <= 1.5 * _rel(h.grad, ref_grad) + 1e-3, (_rel(grad, ref_grad), _rel(h.grad, ref_grad))
-        assert abs(float(loss) - float(ref_loss)) <= 1.5 * abs(float(eager) - float(ref_loss)) + 1e-3 * abs(float(ref_loss))
+        loss_tol = 1.5 * abs(float(eager) - float(ref_loss)) + 1e-3 * abs(float(ref_loss))
+        grad_tol = min(1.5 * _rel(h.grad, ref_grad) + 1e-3, 0.15)
+    for rank, (loss, grad) in enumerate(results):
+        case = f"{loss_type} tp={tp} rank={rank} {dtype}"
+        assert grad.dtype == dtype and grad.shape == hidden.shape, case
+        assert torch.isfinite(loss) and torch.isfinite(grad).all(), case
+        assert abs(float(loss) - float(ref_loss)) <= loss_tol, (case, float(loss), float(ref_loss), loss_tol)
+        assert _rel(grad, ref_grad) <= grad_tol, (case, _rel(grad, ref_grad), grad_tol)
 
 
 @pytest.mark.parametrize("loss_type", ["soft_ce", "topk_soft_ce", "tv"])
