@@ -202,6 +202,10 @@ class MimoBridge:
 
 
 def make_bridge(cfg: MimoConfig, *, tp_size: int = 1, te_names: bool = False, divisible_by: int = 128) -> MimoBridge:
+    if getattr(cfg, "family", "mimo") == "qwen3_5":  # one bridge per family
+        from skyrl_mtp.megatron import qwen3_5
+
+        return qwen3_5.make_bridge(cfg, tp_size=tp_size, te_names=te_names, divisible_by=divisible_by)
     from skyrl_mtp.megatron.model_builder import padded_vocab_size
 
     return MimoBridge(cfg=cfg, padded_vocab=padded_vocab_size(cfg.vocab_size, tp_size, divisible_by),

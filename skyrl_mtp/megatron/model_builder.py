@@ -139,6 +139,10 @@ def _on_build_device(module):
 def build_trunk(cfg: MimoConfig, opts: BuildOptions = BuildOptions(), *, pre_process: bool = True,
                 post_process: bool = True):
     """The policy: a GPTModel without MTP block, with the output_processor keywords."""
+    if getattr(cfg, "family", "mimo") == "qwen3_5":  # the hybrid has its own layer spec
+        from skyrl_mtp.megatron import qwen3_5
+
+        return qwen3_5.build_trunk(cfg, opts, pre_process=pre_process, post_process=post_process)
     from skyrl_mtp.megatron.compat import check_supported
     from skyrl_mtp.megatron.output_processor import gpt_model_class
 
@@ -153,6 +157,10 @@ def build_trunk(cfg: MimoConfig, opts: BuildOptions = BuildOptions(), *, pre_pro
 
 def build_mtp_block(cfg: MimoConfig, opts: BuildOptions = BuildOptions()):
     """The draft head: Megatron's MultiTokenPredictionBlock with cfg.num_mtp_layers layers."""
+    if getattr(cfg, "family", "mimo") == "qwen3_5":
+        from skyrl_mtp.megatron import qwen3_5
+
+        return qwen3_5.build_mtp_block(cfg, opts)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
     from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionBlock
 
@@ -170,6 +178,10 @@ def build_mtp_block(cfg: MimoConfig, opts: BuildOptions = BuildOptions()):
 
 def build_native_gpt_with_mtp(cfg: MimoConfig, opts: BuildOptions = BuildOptions()):
     """Megatron's own GPTModel with its MTP block (the reference for replay parity tests)."""
+    if getattr(cfg, "family", "mimo") == "qwen3_5":
+        from skyrl_mtp.megatron import qwen3_5
+
+        return qwen3_5.build_native_gpt_with_mtp(cfg, opts)
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
 

@@ -24,7 +24,7 @@ import torch
 from skyrl_mtp.megatron.bridge import load_module_state, make_bridge, module_state, split_trunk_and_mtp
 from skyrl_mtp.megatron.model_builder import BuildOptions, build_device, build_mtp_block, build_trunk, causal_mask
 from skyrl_mtp.models.checkpoint import load_hf_state_dict
-from skyrl_mtp.models.mimo import MimoConfig
+from skyrl_mtp.models.families import config_from_pretrained
 from skyrl_mtp.mtp.replay import MtpCapture
 from skyrl_mtp.config.schema import OptimConfig
 from skyrl_mtp.workers.config import PolicyWorkerConfig
@@ -75,7 +75,7 @@ class MegatronPolicy:
         from skyrl_mtp.megatron.parallel import free_port, init_megatron
 
         self.cfg = cfg
-        self.model_cfg = MimoConfig.from_pretrained(cfg.model_path)
+        self.model_cfg = config_from_pretrained(cfg.model_path)  # mimo or qwen3_5, from config.json
         cfg.validate(self.model_cfg.num_mtp_layers)  # before any process group or model exists
         self.mtp_on = cfg.mtp.enabled and trainable
         hf = load_hf_state_dict(cfg.model_path)
@@ -198,7 +198,8 @@ class MegatronPolicy:
                                    num_depths=m.num_speculative_tokens, loss_type=m.loss_type,
                                    loss_weight=m.loss_weight, topk=m.topk if m.loss_type == "topk_soft_ce" else None,
                                    chunk_size=self.cfg.megatron.mtp_loss_chunk_size,
-                                   detach_shared_output=m.detach_shared_output, detach_embedding=m.detach_embedding)
+                                   detach_shared_output=m.detach_shared_output, detach_embedding=m.detach_embedding,
+                                   zero_first_embedding=getattr(self.model_cfg, "drafter_zeroes_first_embedding", True))
             draft_norms = [max(self._dp_sum(shift_mask(mask, k).sum().item()) / self.dp_size, 1e-12)
                            for k in range(1, m.num_speculative_tokens + 1)]
             self.head.train()
