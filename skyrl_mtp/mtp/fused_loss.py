@@ -394,6 +394,7 @@ def _loss_and_grad(
                 chunk_loss, coupling = 0.5 * tv[0], tv[1]
         loss += (chunk_loss * chunk_weights).sum()
         if num_valid == 0:
+            del student, teacher
             continue
         # --- pass 2: d loss / d logits written over the logits, same tiling
         logit_grad[(n,)](
@@ -406,6 +407,8 @@ def _loss_and_grad(
             student[fix_rows, fix_cols] = (fix_values * scale[fix_rows]).to(student.dtype)
         # --- pass 3: this shard's share of the hidden-state gradient
         torch.mm(student, w_valid, out=grad_hidden[start:end])
+        # Free this chunk's buffers before the next chunk's are allocated (peak: one chunk).
+        del student, teacher
     # Each rank holds its vocabulary shard's share; the head's input is replicated over TP.
     grad_hidden = comm.all_reduce_sum(grad_hidden)
     return loss, grad_hidden
