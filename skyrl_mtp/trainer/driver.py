@@ -60,7 +60,7 @@ class RLTrainer:
                 raise RuntimeError(f"model.path={m.path!r}: download from the hub failed ({err}); download the "
                                    "checkpoint where the hub is reachable and pass its directory") from err
         from skyrl_mtp.models.checkpoint import random_hf_state_dict, save_hf_checkpoint
-        from skyrl_mtp.models.mimo import get_preset
+        from skyrl_mtp.models.families import get_preset
 
         init = self.run_dir / "init_model"
         if not (init / "config.json").is_file():
@@ -150,6 +150,7 @@ class RLTrainer:
                              max_num_seqs=-(-self.cfg.trainer.train_batch_size * self.cfg.trainer.n_samples_per_prompt
                                             // g.num_engines),
                              gpu_memory_utilization=g.gpu_memory_utilization, enforce_eager=g.enforce_eager,
+                             enable_prefix_caching=g.enable_prefix_caching,
                              bucket_bytes=g.weight_sync_bucket_mb << 20, num_cpus_per_engine=g.num_cpus_per_engine,
                              num_gpus_per_engine=g.num_gpus_per_engine,
                              weight_transport=resolve_weight_transport(self.cfg))
@@ -364,10 +365,10 @@ class RLTrainer:
 
     def export_final(self) -> Path:
         from skyrl_mtp.models.checkpoint import save_hf_checkpoint
-        from skyrl_mtp.models.mimo import MimoConfig
+        from skyrl_mtp.models.families import config_from_pretrained
 
         out = self.run_dir / "hf_export"
-        cfg = MimoConfig.from_pretrained(self.model_path)
+        cfg = config_from_pretrained(self.model_path)
         return save_hf_checkpoint(cfg, self.policy_weights(), out, tokenizer_from=self.model_path)
 
     # ------------------------------------------------------------------ the loop
