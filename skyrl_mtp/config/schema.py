@@ -227,6 +227,16 @@ class MegatronConfig:
     num_gpus_per_worker: float = 0.0
     threads_per_worker: int = 1
     mtp_loss_chunk_size: Optional[int] = None  # draft loss over vocabulary chunks (memory), null: one pass
+    # ZeRO-1 over data parallel (Megatron's DistributedOptimizer): gradients reduce-scattered, each
+    # DP rank keeps Adam state and fp32 main params for its shard only, parameters all-gathered
+    # after the step. Applies to the policy's optimizer and, separately, to the MTP head's.
+    use_distributed_optimizer: bool = False
+    # Activation recompute (docs/scale.md): none | selective (Megatron's recompute_granularity=
+    # selective on core attention) | full (granularity full, method uniform, 1 layer per unit)
+    recompute: str = "none"
+    # Megatron's HybridDeviceOptimizer: the distributed optimizer's Adam state and step on the host
+    # (GPU workers only; needs use_distributed_optimizer; adam only)
+    optimizer_cpu_offload: bool = False
 
 
 @dataclass
@@ -253,6 +263,7 @@ KNOWN_AGG = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
 KNOWN_DATA = ("sort", "search", "jsonl", "parquet")
 
 
+RECOMPUTE_MODES = ("none", "selective", "full")
 WEIGHT_TRANSPORTS = ("auto", "ray", "cuda_ipc", "broadcast")
 DRAFT_SAMPLE_METHODS = ("greedy", "probabilistic")
 
@@ -328,6 +339,14 @@ def model_config_json(path: str) -> tuple[Path | None, str]:
         return None, (f"not a local directory, and its config.json could not be fetched from the hub "
                       f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); download the checkpoint "
                       "where the hub is reachable and pass its directory")
+
+
+def _optimizers(cfg: Config) -> list[tuple[str, OptimConfig]]:
+    """The run's optimizers by config key: the policy's, and the MTP head's when it trains."""
+    out = [("trainer.optim", cfg.trainer.optim)]
+    if cfg.trainer.mtp.enabled:
+        out.append(("trainer.mtp.optim", cfg.trainer.mtp.optim))
+    return out
 
 
 def _check_optim(bad, key: str, optim: OptimConfig) -> None:
@@ -440,6 +459,24 @@ def validate_config(cfg: Config) -> Config:
     if m.tp_size < 1 or m.dp_size < 1:
         bad("megatron.tp_size/dp_size", (m.tp_size, m.dp_size), "must be >= 1")
     if m.params_dtype not in ("float32", "bfloat16"):
+    if m.recompute not in RECOMPUTE_MODES:
+        bad("megatron.recompute", m.recompute, f"use one of {list(RECOMPUTE_MODES)}")
+    if m.optimizer_cpu_offload:
+        if m.num_gpus_per_worker <= 0:
+            bad("megatron.optimizer_cpu_offload", True,
+                "offload moves GPU-resident optimizer shards to the host; CPU workers (megatron.num_gpus_per_worker=0) "
+                "keep them there already: set it false, or use GPU workers (megatron=gpu)")
+        if not m.use_distributed_optimizer:
+            bad("megatron.optimizer_cpu_offload", True,
+                "Megatron offloads the distributed optimizer's shards: set megatron.use_distributed_optimizer=true")
+        for key, optim in _optimizers(cfg):
+            if optim.optimizer != "adam":
+                bad(f"{key}.optimizer", optim.optimizer, "megatron.optimizer_cpu_offload supports adam only")
+    elif m.use_distributed_optimizer:
+        for key, optim in _optimizers(cfg):
+            if optim.optimizer != "adam":
+                bad(f"{key}.optimizer", optim.optimizer,
+                    "Megatron's distributed optimizer wraps Adam only: use adam or megatron.use_distributed_optimizer=false")
         bad("megatron.params_dtype", m.params_dtype, "use float32 or bfloat16")
 
     if g.num_engines < 1:

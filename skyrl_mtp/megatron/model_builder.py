@@ -33,6 +33,21 @@ class BuildOptions:
     use_te: bool | None = None  # None: TransformerEngine when installed and CUDA is present
     sequence_parallel: bool = False
     make_vocab_size_divisible_by: int = 128
+    recompute: str = "none"  # none | selective | full: see RECOMPUTE
+
+
+# megatron.recompute -> Megatron TransformerConfig fields. selective: the core attention
+# (softmax(QK^T)V, the activation that grows with sequence^2) is recomputed in backward, the rest is
+# stored; full: only each transformer layer's input is stored and the whole layer re-runs in
+# backward (uniform method, one layer per checkpoint unit). The MTP head takes selective under
+# full: Megatron's full recompute of an MTP layer is a reentrant checkpoint of its inputs, and the
+# decoupled head's inputs (detached trunk hidden states and embeddings) carry no gradient, so the
+# checkpoint's output would carry none either and the head would silently stop training.
+RECOMPUTE = {
+    "none": {},
+    "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+}
 
 
 def padded_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) -> int:
@@ -94,6 +109,9 @@ def transformer_config(cfg: MimoConfig, opts: BuildOptions, *, mtp_layers: int |
         persist_layer_norm=False,
         use_cpu_initialization=on_cpu,
     )
+    if opts.recompute not in RECOMPUTE:
+        raise ValueError(f"megatron.recompute={opts.recompute!r}: use one of {list(RECOMPUTE)}")
+    kwargs.update(RECOMPUTE[opts.recompute])
     from skyrl_mtp.megatron.compat import has_mtp_detach_heads
 
     if mtp_layers and has_mtp_detach_heads():
@@ -130,10 +148,19 @@ def build_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _on_build_device(module):
+def _on_build_device(module, params_dtype: torch.dtype | None = None):
     # Megatron creates most parameters on the current CUDA device, but without Apex/TE its norm
-    # fallback (torch.nn.RMSNorm) is created on the CPU: a module must be on one device.
-    return module.to(build_device())
+    # fallback (torch.nn.RMSNorm) is created on the CPU in float32: a module must be on one device,
+    # and in one parameter dtype, as TE's layer spec builds it (Megatron's optimizer offload refuses
+    # a bf16 model with fp32 parameters: their shards would be views it cannot optimize).
+    module = module.to(build_device())
+    if params_dtype is None:
+        return module
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.is_floating_point() and param.dtype != params_dtype:
+                param.data = param.data.to(params_dtype)
+    return module
 
 
 def build_trunk(cfg: MimoConfig, opts: BuildOptions = BuildOptions(), *, pre_process: bool = True,
@@ -150,9 +177,10 @@ def build_trunk(cfg: MimoConfig, opts: BuildOptions = BuildOptions(), *, pre_pro
     config = transformer_config(cfg, opts, mtp_layers=None)
     model = gpt_model_class()(config=config, transformer_layer_spec=layer_spec(resolve_use_te(opts.use_te)),
                               pre_process=pre_process, post_process=post_process, **_gpt_kwargs(cfg, opts))
+    model = _on_build_device(model, opts.params_dtype)
     if getattr(model, "mtp_process", False) or model.config.mtp_num_layers:
         raise AssertionError("trunk was built with an MTP block; the native MTP loss could reach the policy")
-    return _on_build_device(model)
+    return model
 
 
 def build_mtp_block(cfg: MimoConfig, opts: BuildOptions = BuildOptions()):
@@ -171,9 +199,11 @@ def build_mtp_block(cfg: MimoConfig, opts: BuildOptions = BuildOptions()):
     if opts.sequence_parallel:
         raise ValueError("MTP head replay with sequence_parallel=True is not implemented: set it false")
     use_te = resolve_use_te(opts.use_te)
+    if opts.recompute == "full":  # see RECOMPUTE
+        opts = with_options(opts, recompute="selective")
     config = transformer_config(cfg, opts, mtp_layers=cfg.num_mtp_layers)
     spec = get_gpt_mtp_block_spec(config, layer_spec(use_te), use_transformer_engine=use_te)
-    return _on_build_device(MultiTokenPredictionBlock(config=config, spec=spec))
+    return _on_build_device(MultiTokenPredictionBlock(config=config, spec=spec), opts.params_dtype)
 
 
 def build_native_gpt_with_mtp(cfg: MimoConfig, opts: BuildOptions = BuildOptions()):
@@ -190,7 +220,7 @@ def build_native_gpt_with_mtp(cfg: MimoConfig, opts: BuildOptions = BuildOptions
     spec = layer_spec(use_te)
     mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=use_te)
     return _on_build_device(GPTModel(config=config, transformer_layer_spec=spec, mtp_block_spec=mtp_spec,
-                                     **_gpt_kwargs(cfg, opts)))
+                                     **_gpt_kwargs(cfg, opts)), opts.params_dtype)
 
 
 def causal_mask(seq_len: int, device=None) -> torch.Tensor:

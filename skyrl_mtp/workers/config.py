@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from skyrl_mtp.config.schema import AlgorithmConfig, MegatronConfig, MtpConfig, OptimConfig
 from skyrl_mtp.mtp.losses import LOSS_TYPES
 
@@ -35,6 +37,20 @@ class PolicyWorkerConfig:
             return
         if num_mtp_layers < 1:
             raise ValueError("trainer.mtp.enabled=true but the model has no MTP layers "
+        if mg.recompute not in ("none", "selective", "full"):
+            raise ValueError(f"megatron.recompute={mg.recompute!r}: use none, selective or full")
+        if mg.optimizer_cpu_offload and not torch.cuda.is_available():
+            raise ValueError("megatron.optimizer_cpu_offload=true needs a GPU: Megatron's HybridDeviceOptimizer moves "
+                             "GPU-resident optimizer shards to the host (on a CPU-only worker they are there already); "
+                             "set it false")
+        if mg.optimizer_cpu_offload and not mg.use_distributed_optimizer:
+            raise ValueError("megatron.optimizer_cpu_offload=true offloads the distributed optimizer's shards: "
+                             "set megatron.use_distributed_optimizer=true")
+        if mg.use_distributed_optimizer:
+            for key, optim in (("trainer.optim", self.optim), ("trainer.mtp.optim", mtp.optim)):
+                if optim.optimizer != "adam" and (key == "trainer.optim" or mtp.enabled):
+                    raise ValueError(f"{key}.optimizer={optim.optimizer!r}: Megatron's distributed optimizer "
+                                     "wraps Adam only; use adam or megatron.use_distributed_optimizer=false")
                              "(config.json num_nextn_predict_layers=0): use a model with MTP layers or disable MTP")
         if mtp.num_speculative_tokens < 1:
             raise ValueError(f"trainer.mtp.num_speculative_tokens must be >= 1, got {mtp.num_speculative_tokens}")

@@ -26,7 +26,7 @@ from skyrl_mtp.megatron.model_builder import BuildOptions, build_device, build_m
 from skyrl_mtp.models.checkpoint import load_hf_state_dict
 from skyrl_mtp.models.families import config_from_pretrained
 from skyrl_mtp.mtp.replay import MtpCapture
-from skyrl_mtp.config.schema import OptimConfig
+from skyrl_mtp.config.schema import MegatronConfig, OptimConfig
 from skyrl_mtp.workers.config import PolicyWorkerConfig
 from skyrl_mtp.workers.objective import DraftObjective, ObjectiveContext, rl_output_processor
 
@@ -34,24 +34,85 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CHECKPOINT_FORMAT = 1
 
 
-def _make_optimizer(module, config, optim: OptimConfig, params_dtype):
-    """Megatron DDP (own grad buffer) + Megatron optimizer (clipping) + LR schedule for one module."""
+def _make_optimizer(module, config, optim: OptimConfig, params_dtype, mg: MegatronConfig):
+    """Megatron DDP (own grad buffer) + Megatron optimizer (clipping) + LR schedule for one module.
+
+    With ``mg.use_distributed_optimizer`` the DDP buffer is reduce-scattered and Megatron's
+    DistributedOptimizer keeps this DP rank's shard of the Adam state (and of the fp32 main params),
+    then all-gathers the updated parameters; its grad norm is reduced over the DP x TP ranks that
+    hold the shards, still over this module's parameters only. ``mg.optimizer_cpu_offload`` puts
+    that shard's state and step on the host (Megatron's HybridDeviceOptimizer, fraction 1)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    dist_opt = mg.use_distributed_optimizer
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False), module)
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=dist_opt), module)
     opt = get_megatron_optimizer(OptimizerConfig(
         optimizer=optim.optimizer, sgd_momentum=0.0, lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
         adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
-        clip_grad=optim.clip_grad, bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype), [ddp])
+        clip_grad=optim.clip_grad, bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype,
+        use_distributed_optimizer=dist_opt, optimizer_cpu_offload=mg.optimizer_cpu_offload,
+        optimizer_offload_fraction=1.0 if mg.optimizer_cpu_offload else 0.0), [ddp])
     sched = OptimizerParamScheduler(
         opt, init_lr=0.0 if optim.lr_warmup_steps else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
         lr_warmup_steps=optim.lr_warmup_steps, lr_decay_steps=max(optim.lr_decay_steps, optim.lr_warmup_steps + 1),
         lr_decay_style=optim.lr_decay_style, start_wd=optim.weight_decay, end_wd=optim.weight_decay,
         wd_incr_steps=1, wd_incr_style="constant")
     return ddp, opt, sched
+
+
+def _distributed_parts(opt) -> list:
+    """The DistributedOptimizer instances inside a Megatron optimizer (get_megatron_optimizer
+    returns a ChainedOptimizer around them); empty for the plain optimizer."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return [o for o in getattr(opt, "chained_optimizers", [opt]) if isinstance(o, DistributedOptimizer)]
+
+
+def _optimizer_shard(opt) -> list | None:
+    """This DP rank's shard of a distributed optimizer (fp32 main params, Adam moments and step per
+    parameter range, in Megatron's bucket layout; no collective), or None for the plain optimizer,
+    whose whole state is in its state_dict. Cloned: the fp32 main params are views of the model's
+    parameters, and saving a view would write the whole buffer."""
+    parts = _distributed_parts(opt)
+    if not parts:
+        return None
+    out = []
+    for part in parts:
+        state = part.get_parameter_state_dp_reshardable()
+        for key, per_dtype in state.items():
+            if not isinstance(key, int):
+                continue
+            for buckets in per_dtype.values():
+                for bucket in buckets:
+                    for i, elem in enumerate(bucket):
+                        # Megatron's loader skips entries flagged as padding (its dist-checkpoint
+                        # writer adds the flag); these are all real parameter ranges.
+                        bucket[i] = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in elem.items()}
+                        bucket[i]["padding"] = False
+        out.append(state)
+    return out
+
+
+def _load_optimizer_shard(opt, shard: list | None, path: Path) -> None:
+    """Inverse of _optimizer_shard, after ``opt.load_state_dict`` (which sizes the state)."""
+    parts = _distributed_parts(opt)
+    if bool(parts) != (shard is not None):
+        raise ValueError(f"{path}: saved with megatron.use_distributed_optimizer={not parts}, this run uses "
+                         f"{bool(parts)}; keep the setting of the run that wrote the checkpoint")
+    # no_grad: with fp32 parameters the main-param shards Megatron copies into are views of them
+    with torch.no_grad():
+        for part, state in zip(parts, shard or []):
+            # megatron-core 0.16.1's DistributedOptimizer.load_state_dict gives every parameter the
+            # *same* 'step' tensor when the optimizer is torch's AdamW (no Apex/TE, as on CPU and on
+            # this project's GPU machines): each parameter's update would then advance it, and Adam's
+            # bias correction would use step + number of parameters. One tensor per parameter:
+            for param_state in part.optimizer.state.values():
+                if torch.is_tensor(param_state.get("step")):
+                    param_state["step"] = param_state["step"].clone()
+            part.load_parameter_state_from_dp_reshardable(state)
 
 
 def head_grad_norm(head_opt: Any, returned_norm: float | None) -> float:
@@ -97,7 +158,8 @@ class MegatronPolicy:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.bridge = bridge
         self.params_dtype = _DTYPES[mg.params_dtype]
-        opts = BuildOptions(tp_size=mg.tp_size, pp_size=mg.pp_size, params_dtype=self.params_dtype)
+        opts = BuildOptions(tp_size=mg.tp_size, pp_size=mg.pp_size, params_dtype=self.params_dtype,
+                            recompute=mg.recompute)
         shard = bridge.shard_for_tp(full, self.tp_rank, mg.tp_size)
         trunk_state, head_state = split_trunk_and_mtp(shard)
         device = build_device()
@@ -116,10 +178,10 @@ class MegatronPolicy:
         self.head_ddp = self.head_opt = self.head_sched = None
         if trainable:
             self.trunk_ddp, self.trunk_opt, self.trunk_sched = _make_optimizer(
-                self.trunk, self.trunk.config, cfg.optim, self.params_dtype)
+                self.trunk, self.trunk.config, cfg.optim, self.params_dtype, mg)
             if self.head is not None:
                 self.head_ddp, self.head_opt, self.head_sched = _make_optimizer(
-                    self.head, self.head.config, cfg.mtp.optim, self.params_dtype)
+                    self.head, self.head.config, cfg.mtp.optim, self.params_dtype, mg)
         else:
             self.trunk.eval()
 
@@ -304,9 +366,19 @@ class MegatronPolicy:
     def shard_name(self) -> str:
         return f"model_tp{self.tp_rank}.pt"
 
+    def optimizer_shard_name(self) -> str:
+        return self.shard_name().replace(".pt", f"_dp{self.dp_rank}_optim.pt")
+
     def save_checkpoint(self, directory: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Writes this model-parallel rank's shard (DP rank 0 only) into `directory`, which the
-        caller later renames into place (see skyrl_mtp.trainer.checkpoint): never a half-written latest."""
+        caller later renames into place (see skyrl_mtp.trainer.checkpoint): never a half-written latest.
+        With the distributed optimizer every DP rank also writes its own optimizer shard
+        (:meth:`optimizer_shard_name`): nothing is gathered onto one rank."""
+        trunk_shard = _optimizer_shard(self.trunk_opt)
+        if trunk_shard is not None:
+            head_shard = _optimizer_shard(self.head_opt) if self.head is not None else None
+            _save_atomic({"format": CHECKPOINT_FORMAT, "dp_size": self.dp_size, "trunk": trunk_shard, "head": head_shard},
+                         Path(directory) / self.optimizer_shard_name())
         if self.dp_rank != 0:
             return
         state = {
@@ -323,38 +395,54 @@ class MegatronPolicy:
         if self.head is not None:
             state.update(head=module_state(self.head), head_opt=self.head_opt.state_dict(),
                          head_sched=self.head_sched.state_dict())
-        path = Path(directory) / self.shard_name()
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
+        _save_atomic(state, Path(directory) / self.shard_name())
 
     def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
         path = Path(directory) / self.shard_name()
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint shard {path} is missing")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a truncated or foreign file
-            raise ValueError(f"checkpoint shard {path} is corrupted or not a skyrl_mtp checkpoint: {err}") from err
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, this version reads {CHECKPOINT_FORMAT}")
+        state = _read_checkpoint_file(path)
         if state["tp_size"] != self.cfg.megatron.tp_size:
             raise ValueError(f"{path}: saved with tp_size={state['tp_size']}, "
                              f"this run uses tp_size={self.cfg.megatron.tp_size}")
         if state["mtp"] != (self.head is not None):
             raise ValueError(f"{path}: saved with MTP {'on' if state['mtp'] else 'off'}, this run has MTP "
                              f"{'on' if self.head is not None else 'off'}; keep trainer.mtp.enabled as it was")
+        shard = {"trunk": None, "head": None}
+        if _distributed_parts(self.trunk_opt):
+            shard = _read_checkpoint_file(Path(directory) / self.optimizer_shard_name())
+            if shard["dp_size"] != self.dp_size:
+                raise ValueError(f"{directory}: optimizer shards written at dp_size={shard['dp_size']}, this run has "
+                                 f"dp_size={self.dp_size}; resume with the same megatron.dp_size")
         load_module_state(self.trunk, state["trunk"], what=f"policy trunk from {path}")
         self.trunk_opt.load_state_dict(state["trunk_opt"])
+        _load_optimizer_shard(self.trunk_opt, shard["trunk"], path)
         self.trunk_sched.load_state_dict(state["trunk_sched"])
         if self.head is not None:
             load_module_state(self.head, state["head"], what=f"MTP head from {path}")
             self.head_opt.load_state_dict(state["head_opt"])
+            _load_optimizer_shard(self.head_opt, shard["head"], path)
             self.head_sched.load_state_dict(state["head_sched"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(_as_tuple(state["rng"]["python"]))
         self.step = state["step"]
         return state["extra"]
+
+
+def _save_atomic(state: dict[str, Any], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _read_checkpoint_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint shard {path} is missing")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file
+        raise ValueError(f"checkpoint shard {path} is corrupted or not a skyrl_mtp checkpoint: {err}") from err
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, this version reads {CHECKPOINT_FORMAT}")
+    return state
 
 
 def _as_tuple(x):

@@ -1,0 +1,197 @@
+"""Memory features of the policy change nothing numerically: Megatron's distributed optimizer
+(ZeRO-1 over DP, for the trunk and separately for the MTP head) against the plain optimizer,
+activation recompute against none, optimizer CPU offload against none (GPU only), and the config
+checks that refuse what cannot run."""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from skyrl_mtp.config.schema import AlgorithmConfig, ConfigError, MegatronConfig, MtpConfig, OptimConfig
+from skyrl_mtp.tools.check_policy_invariance import synthetic_batch
+from skyrl_mtp.workers.config import PolicyWorkerConfig
+
+STEPS = 3
+BATCH = 8
+
+
+def _cfg(path, **megatron) -> PolicyWorkerConfig:
+    return PolicyWorkerConfig(model_path=str(path), megatron=MegatronConfig(micro_batch_size=2, **megatron),
+                              optim=OptimConfig(lr=1e-3), algorithm=AlgorithmConfig(),
+                              mtp=MtpConfig(enabled=True, num_speculative_tokens=2, optim=OptimConfig(lr=3e-3)))
+
+
+def _batch(step: int, rows: int = BATCH) -> dict[str, torch.Tensor]:
+    b = synthetic_batch(step, 300, rows, 20, 6)
+    b["old_logprobs"] = -5.0 + 0.1 * torch.randn(rows, 20, generator=torch.Generator().manual_seed(step))
+    return b
+
+
+def _grads(module) -> dict[str, torch.Tensor]:
+    return {n: p.main_grad.detach().clone() for n, p in module.named_parameters()}
+
+
+def _adam_numel(opt) -> int:
+    """Elements of exp_avg held by this rank's optimizer (all chained parts)."""
+    total = 0
+    for part in getattr(opt, "chained_optimizers", [opt]):
+        for state in part.optimizer.state.values():
+            total += state["exp_avg"].numel() if "exp_avg" in state else 0
+    return total
+
+
+# ---------------------------------------------------------------- recompute
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_recompute_gives_identical_gradients(megatron_single, tiny_ckpt, mode):
+    """Megatron's recompute re-runs the same CPU kernels on the same inputs: the trunk's and the
+    head's gradients are bitwise those without recompute (and the head's are not zero: Megatron's
+    full recompute of an MTP layer on detached inputs would silently give it none)."""
+    from skyrl_mtp.workers.policy import MegatronPolicy
+
+    grads = {}
+    for name in ("none", mode):
+        policy = MegatronPolicy(_cfg(tiny_ckpt, recompute=name), init_distributed=False)
+        assert policy.trunk.config.recompute_granularity == (None if name == "none" else mode)
+        policy.accumulate_gradients(_batch(0))
+        grads[name] = (_grads(policy.trunk), _grads(policy.head))
+    for ref, got in zip(grads["none"], grads[mode]):
+        assert set(ref) == set(got)
+        for n in ref:
+            assert torch.equal(ref[n], got[n]), (n, (ref[n] - got[n]).abs().max().item())
+    head_ref = grads["none"][1]
+    assert sum(g.abs().sum().item() for g in head_ref.values()) > 0
+
+
+# ---------------------------------------------------------------- distributed optimizer
+def _dp2_worker(rank, port, path, ckpt_dir, out_dir):
+    try:
+        from skyrl_mtp.workers.policy import MegatronPolicy
+
+        cfg = _cfg(path, use_distributed_optimizer=True)
+        policy = MegatronPolicy(cfg, rank=rank, world_size=2, master_port=port)
+        per = BATCH // 2
+        shard = lambda b: {k: v[rank * per:(rank + 1) * per] for k, v in b.items()}
+        metrics = [policy.train_step(shard(_batch(s))) for s in range(STEPS - 1)]
+        policy.save_checkpoint(ckpt_dir)  # collective: the shards are gathered on DP rank 0
+        metrics.append(policy.train_step(shard(_batch(STEPS - 1))))
+        out = {"metrics": metrics, "hf": policy.export_hf_weights(),
+               "adam_numel": {"trunk": _adam_numel(policy.trunk_opt), "head": _adam_numel(policy.head_opt)},
+               "numel": {"trunk": sum(p.numel() for p in policy.trunk.parameters()),
+                         "head": sum(p.numel() for p in policy.head.parameters())}}
+        # A fresh policy resumed from the checkpoint takes the last step again.
+        resumed = MegatronPolicy(cfg, rank=rank, world_size=2, init_distributed=False)
+        resumed.load_checkpoint(ckpt_dir)
+        resumed.train_step(shard(_batch(STEPS - 1)))
+        out["hf_resumed"] = resumed.export_hf_weights()
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    except Exception:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="two ranks need two GPUs")
+def test_distributed_optimizer_at_dp2_matches_plain_optimizer(megatron_single, tiny_ckpt, tmp_path):
+    """DP=2 with Megatron's DistributedOptimizer (gloo on CPU: reduce-scatter and all-gather
+    into tensors are gloo collectives in torch 2.13) against one rank with the plain optimizer:
+    same weights after 3 Adam steps within 1e-5 (the tolerance the plain DP=2 test uses; the
+    grads are summed in another order), same grad norms of policy and head (each clipped on its
+    own), each rank holding about half of each optimizer's Adam state; a checkpoint taken at DP=2
+    resumes to the same weights."""
+    from skyrl_mtp.megatron.parallel import free_port
+    from skyrl_mtp.workers.policy import MegatronPolicy
+
+    plain = MegatronPolicy(_cfg(tiny_ckpt), init_distributed=False)
+    plain_metrics = [plain.train_step(_batch(s)) for s in range(STEPS)]
+    plain_hf = plain.export_hf_weights()
+
+    ckpt_dir = tmp_path / "ckpt"
+    ckpt_dir.mkdir()
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_dp2_worker, args=(r, port, str(tiny_ckpt), str(ckpt_dir), str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    errors = [f.read_text() for f in tmp_path.glob("*.err")]
+    assert not errors, errors[0]
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+    hf = ranks[0]["hf"]
+    assert set(hf) == set(plain_hf)
+    worst = max((hf[k] - plain_hf[k]).abs().max().item() for k in hf)
+    assert worst <= 1e-5, worst
+    assert any(k.startswith("model.mtp_layers.") for k in hf)
+    for step in range(STEPS):
+        for key in ("policy/grad_norm", "mtp/grad_norm", "policy/loss", "mtp/loss"):
+            ref, got = plain_metrics[step][key], ranks[0]["metrics"][step][key]
+            assert abs(got - ref) <= 1e-5 * max(1.0, abs(ref)), (step, key, got, ref)
+    for r in ranks:  # ZeRO-1: each rank's Adam state covers about half of each module
+        for module in ("trunk", "head"):
+            share = r["adam_numel"][module] / r["numel"][module]
+            assert 0.4 <= share <= 0.6, (module, share)
+    resumed = ranks[0]["hf_resumed"]
+    diffs = {k: (resumed[k] - hf[k]).abs().max().item() for k in hf}
+    assert max(diffs.values()) == 0.0, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
+
+
+# ---------------------------------------------------------------- optimizer CPU offload
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Megatron's HybridDeviceOptimizer offloads GPU tensors")
+def test_optimizer_cpu_offload_matches_no_offload(megatron_single, tiny_ckpt):
+    """bf16 policy, distributed optimizer, one rank: Adam on the host (torch's fused CPU AdamW)
+    against Adam on the GPU. Both update fp32 main params from the same fp32 grads; the kernels
+    differ, so weights agree to bf16 rounding (one ulp at most, 2**-7 relative)."""
+    from skyrl_mtp.workers.policy import MegatronPolicy
+
+    out = {}
+    for offload in (False, True):
+        policy = MegatronPolicy(_cfg(tiny_ckpt, params_dtype="bfloat16", use_distributed_optimizer=True,
+                                     optimizer_cpu_offload=offload), init_distributed=False)
+        for s in range(STEPS):
+            policy.train_step(_batch(s))
+        out[offload] = policy.export_hf_weights(dtype=torch.float32)
+    for k in out[False]:
+        torch.testing.assert_close(out[True][k], out[False][k], rtol=2 ** -7, atol=1e-6)
+
+
+# ---------------------------------------------------------------- config checks
+def _validated(**megatron):
+    from skyrl_mtp.config.schema import Config, validate_config
+
+    cfg = Config()
+    for key, value in megatron.items():
+        setattr(cfg.megatron, key, value)
+    return validate_config(cfg)
+
+
+def test_config_refuses_what_megatron_cannot_run():
+    with pytest.raises(ConfigError, match=r"megatron\.recompute='some'"):
+        _validated(recompute="some")
+    with pytest.raises(ConfigError, match=r"megatron\.optimizer_cpu_offload=True: offload moves GPU-resident"):
+        _validated(optimizer_cpu_offload=True, use_distributed_optimizer=True)
+    with pytest.raises(ConfigError, match=r"set megatron\.use_distributed_optimizer=true"):
+        _validated(optimizer_cpu_offload=True, num_gpus_per_worker=1.0)
+    from skyrl_mtp.config.schema import Config, validate_config
+
+    cfg = Config()
+    cfg.megatron.use_distributed_optimizer = True
+    cfg.trainer.optim.optimizer = "sgd"
+    with pytest.raises(ConfigError, match=r"trainer\.optim\.optimizer='sgd': Megatron's distributed optimizer"):
+        validate_config(cfg)
+    _validated(use_distributed_optimizer=True, recompute="full")  # valid on CPU
+
+
+def test_worker_refuses_offload_without_cuda(tiny_ckpt):
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for CPU-only workers")
+    with pytest.raises(ValueError, match="optimizer_cpu_offload=true needs a GPU"):
+        _cfg(tiny_ckpt, use_distributed_optimizer=True, optimizer_cpu_offload=True).validate(1)
