@@ -459,6 +459,7 @@ def validate_config(cfg: Config) -> Config:
     if m.tp_size < 1 or m.dp_size < 1:
         bad("megatron.tp_size/dp_size", (m.tp_size, m.dp_size), "must be >= 1")
     if m.params_dtype not in ("float32", "bfloat16"):
+        bad("megatron.params_dtype", m.params_dtype, "use float32 or bfloat16")
     if m.recompute not in RECOMPUTE_MODES:
         bad("megatron.recompute", m.recompute, f"use one of {list(RECOMPUTE_MODES)}")
     if m.optimizer_cpu_offload:
@@ -477,7 +478,6 @@ def validate_config(cfg: Config) -> Config:
             if optim.optimizer != "adam":
                 bad(f"{key}.optimizer", optim.optimizer,
                     "Megatron's distributed optimizer wraps Adam only: use adam or megatron.use_distributed_optimizer=false")
-        bad("megatron.params_dtype", m.params_dtype, "use float32 or bfloat16")
 
     if g.num_engines < 1:
         bad("generator.num_engines", g.num_engines, "must be >= 1")

@@ -33,10 +33,6 @@ class PolicyWorkerConfig:
             raise ValueError(f"megatron.micro_batch_size must be >= 1, got {mg.micro_batch_size}")
         if mg.params_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"megatron.params_dtype={mg.params_dtype!r}: use float32 or bfloat16")
-        if not mtp.enabled:
-            return
-        if num_mtp_layers < 1:
-            raise ValueError("trainer.mtp.enabled=true but the model has no MTP layers "
         if mg.recompute not in ("none", "selective", "full"):
             raise ValueError(f"megatron.recompute={mg.recompute!r}: use none, selective or full")
         if mg.optimizer_cpu_offload and not torch.cuda.is_available():
@@ -51,6 +47,10 @@ class PolicyWorkerConfig:
                 if optim.optimizer != "adam" and (key == "trainer.optim" or mtp.enabled):
                     raise ValueError(f"{key}.optimizer={optim.optimizer!r}: Megatron's distributed optimizer "
                                      "wraps Adam only; use adam or megatron.use_distributed_optimizer=false")
+        if not mtp.enabled:
+            return
+        if num_mtp_layers < 1:
+            raise ValueError("trainer.mtp.enabled=true but the model has no MTP layers "
                              "(config.json num_nextn_predict_layers=0): use a model with MTP layers or disable MTP")
         if mtp.num_speculative_tokens < 1:
             raise ValueError(f"trainer.mtp.num_speculative_tokens must be >= 1, got {mtp.num_speculative_tokens}")
