@@ -285,7 +285,7 @@ def fused_linear_draft_loss(
             "the fused draft loss runs on CUDA with Triton installed (or under TRITON_INTERPRET=1); "
             f"got device {hidden.device}, Triton importable: {_triton_importable()}"
         )
-    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+    if hidden.dim() < 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"hidden [*, H] and weight [V_local, H] do not match: {tuple(hidden.shape)}, {tuple(weight.shape)}")
     lead = hidden.shape[:-1]
     if mask.shape != lead:
@@ -309,14 +309,29 @@ def fused_linear_draft_loss(
     if loss_type == "topk_soft_ce":
         _check_topk(topk, shard.vocab_size)
     comm = collectives if collectives is not None else DistCollectives(tp_group, size)
-    weights = mask.reshape(-1).to(torch.float32)
+    weights = mask.to(torch.float32)
     total = weights.sum()
     if not bool(total > 0):
         raise ValueError("mask must select at least one position (sum(mask) > 0)")
-    flat = lambda t: None if t is None else t.detach().reshape(-1, t.shape[-1])  # noqa: E731
+    # [B, S, ...] views, no copies: the kernels take a row stride, so a teacher sliced along the
+    # sequence (the policy's logits shifted by the head's depth) is read in place, batch row by
+    # batch row. Only more than two leading dimensions are flattened (reshape may copy).
+    def seq3d(t: Tensor | None, per_row: bool) -> Tensor | None:
+        if t is None:
+            return None
+        t = t.detach()
+        lead_dims = t.dim() - (0 if per_row else 1)
+        if lead_dims == 1:
+            t = t.unsqueeze(0)
+        elif lead_dims > 2:
+            t = t.reshape(-1, *t.shape[lead_dims - 1:])
+        return t if per_row or t.stride(-1) == 1 else t.contiguous()
+
+    hidden3d = hidden if hidden.dim() == 3 else (
+        hidden.unsqueeze(0) if hidden.dim() == 2 else hidden.reshape(-1, *hidden.shape[-2:]))
     return _FusedDraftLoss.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight.detach(), flat(teacher_logits), flat(teacher_hidden),
-        None if labels is None else labels.reshape(-1), weights / total,
+        hidden3d, weight.detach(), seq3d(teacher_logits, False), seq3d(teacher_hidden, False),
+        seq3d(labels, True), seq3d(weights.reshape(lead) / total, True),
         (loss_type, float(temperature), topk, shard, chunk_rows or DEFAULT_CHUNK_ROWS, comm),
     ).reshape(())
 
@@ -342,11 +357,30 @@ def _loss_and_grad(
     labels: Tensor | None, row_weights: Tensor, loss_type: str, temperature: float, topk: int | None,
     shard: VocabShard, chunk_rows: int, comm: Collectives,
 ) -> tuple[Tensor, Tensor]:
-    """(weighted loss sum, grad w.r.t. hidden [N, H]); row_weights already sum to 1."""
+    """(weighted loss sum, grad w.r.t. hidden [B, S, H]); row_weights [B, S] already sum to 1.
+    Every rank walks the same (batch row, chunk) sequence, so the collectives line up."""
+    device = hidden.device
+    grad_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=device)
+    loss = torch.zeros((), dtype=torch.float32, device=device)
+    for b in range(hidden.shape[0]):
+        loss += _sequence_loss_and_grad(
+            hidden[b], weight, None if teacher_logits is None else teacher_logits[b],
+            None if teacher_hidden is None else teacher_hidden[b], None if labels is None else labels[b],
+            row_weights[b], grad_hidden[b], loss_type, temperature, topk, shard, chunk_rows, comm)
+    # Each rank holds its vocabulary shard's share; the head's input is replicated over TP.
+    grad_hidden = comm.all_reduce_sum(grad_hidden)
+    return loss, grad_hidden
+
+
+def _sequence_loss_and_grad(
+    hidden: Tensor, weight: Tensor, teacher_logits: Tensor | None, teacher_hidden: Tensor | None,
+    labels: Tensor | None, row_weights: Tensor, grad_hidden: Tensor, loss_type: str, temperature: float,
+    topk: int | None, shard: VocabShard, chunk_rows: int, comm: Collectives,
+) -> Tensor:
+    """One sequence [S, H]: its weighted loss sum; its gradient written into grad_hidden [S, H]."""
     rows, device = hidden.shape[0], hidden.device
     num_valid = shard.num_valid
     w_valid = weight[:num_valid]  # padded vocabulary rows are never multiplied
-    grad_hidden = torch.zeros_like(hidden)
     loss = torch.zeros((), dtype=torch.float32, device=device)
     inv_temp = 1.0 / temperature
     mode = _MODES[loss_type]
@@ -409,9 +443,7 @@ def _loss_and_grad(
         torch.mm(student, w_valid, out=grad_hidden[start:end])
         # Free this chunk's buffers before the next chunk's are allocated (peak: one chunk).
         del student, teacher
-    # Each rank holds its vocabulary shard's share; the head's input is replicated over TP.
-    grad_hidden = comm.all_reduce_sum(grad_hidden)
-    return loss, grad_hidden
+    return loss
 
 
 def _sparse_reduce(

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from skyrl_mtp.mtp.losses import LOSS_TYPES, draft_loss, shift_mask
+from skyrl_mtp.mtp.losses import LOSS_TYPES, draft_loss, draft_loss_from_hidden, shift_mask
 
 LOCAL_VOCAB = 8
 WORKER_TIMEOUT_S = 120.0
@@ -228,6 +228,25 @@ def test_no_tp_group_matches_reference_float64(loss_type: str, temperature: floa
     assert loss.dtype == torch.float64
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0.0)
     torch.testing.assert_close(student.grad, ref_grad, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_draft_loss_from_hidden_eager_matches_reference_float64(loss_type: str) -> None:
+    """The eager branch of draft_loss_from_hidden (what CPU runs): logits = hidden @ W^T over a
+    padded weight, then draft_loss; loss and hidden-state gradient against float64."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 11, 6, generator=gen, dtype=torch.float64)
+    weight = torch.randn(20, 6, generator=gen, dtype=torch.float64)
+    _, teacher_full, mask, labels = make_inputs(1, 3, 11, 20, 17, dtype=torch.float64)
+    h = hidden.clone().requires_grad_(True)
+    loss = draft_loss_from_hidden(h, weight, teacher_full, mask, loss_type=loss_type, labels=labels, topk=5,
+                                  temperature=0.7, vocab_size=17, chunk_size=4, fused=False)
+    loss.backward()
+    ref_loss, ref_logit_grad = reference_loss_and_grad(
+        hidden @ weight.t(), teacher_full, mask, loss_type=loss_type, vocab_size=17, labels=labels, topk=5,
+        temperature=0.7)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(h.grad, ref_logit_grad @ weight, rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
