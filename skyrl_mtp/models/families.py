@@ -65,3 +65,9 @@ def num_mtp_layers_in(hf: dict) -> int:
             if d.get(key) is not None:
                 return int(d[key])
     return 0
+
+
+def is_mtp_tensor(cfg, name: str) -> bool:
+    """Whether an HF tensor name belongs to the MTP head (MiMo: ``model.mtp_layers.*``; Qwen3.5: ``mtp.*``)."""
+    own = getattr(cfg, "is_mtp_tensor", None)
+    return own(name) if own is not None else ".mtp_layers." in name

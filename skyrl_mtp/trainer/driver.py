@@ -332,8 +332,10 @@ class RLTrainer:
 
     def checkpoint_head(self) -> dict[str, torch.Tensor]:
         from skyrl_mtp.models.checkpoint import load_hf_state_dict
+        from skyrl_mtp.models.families import config_from_pretrained, is_mtp_tensor
 
-        return {k: v for k, v in load_hf_state_dict(self.model_path).items() if ".mtp_layers." in k}
+        model_cfg = config_from_pretrained(self.model_path)
+        return {k: v for k, v in load_hf_state_dict(self.model_path).items() if is_mtp_tensor(model_cfg, k)}
 
     def policy_weights(self) -> dict[str, torch.Tensor]:
         """The policy's HF-named tensors for the engines and the export. With MTP off the head is

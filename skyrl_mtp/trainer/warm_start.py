@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from skyrl_mtp.models.checkpoint import load_hf_state_dict, save_hf_checkpoint
-from skyrl_mtp.models.families import config_from_pretrained
+from skyrl_mtp.models.families import config_from_pretrained, is_mtp_tensor
 from skyrl_mtp.trainer.minibatch import build_batch
 from skyrl_mtp.config.schema import AlgorithmConfig, MegatronConfig, MtpConfig, OptimConfig
 from skyrl_mtp.workers.config import PolicyWorkerConfig
@@ -105,7 +105,8 @@ def warm_start(init_path: str | Path, out_dir: str | Path, *, sequences: list[Sf
     group.shutdown()
     # Keep the initial MTP head: the RL run trains it.
     init = load_hf_state_dict(init_path)
-    merged = {**{k: v for k, v in init.items() if ".mtp_layers." in k}, **trunk}
-    save_hf_checkpoint(config_from_pretrained(init_path), merged, out, tokenizer_from=init_path)
+    model_cfg = config_from_pretrained(init_path)
+    merged = {**{k: v for k, v in init.items() if is_mtp_tensor(model_cfg, k)}, **trunk}
+    save_hf_checkpoint(model_cfg, merged, out, tokenizer_from=init_path)
     marker.write_text(json.dumps({"key": key, "seconds": time.time() - start}))
     return out
