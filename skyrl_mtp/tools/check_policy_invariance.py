@@ -48,7 +48,7 @@ def run(args, rank: int = 0, world_size: int = 1, master_port: int | None = None
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-    model = args.model or random_tiny_checkpoint(args.seed)
+    model = args.model or random_tiny_checkpoint(args.seed, args.preset)
     base = PolicyWorkerConfig(
         model_path=model, temperature=1.0,
         megatron=MegatronConfig(tp_size=world_size, micro_batch_size=args.micro_batch_size, params_dtype=args.dtype,
@@ -84,11 +84,11 @@ def run(args, rank: int = 0, world_size: int = 1, master_port: int | None = None
             "num_policy_tensors": len(a), "tp": world_size, **runtime_facts()}
 
 
-def random_tiny_checkpoint(seed: int) -> str:
+def random_tiny_checkpoint(seed: int, preset: str = "tiny") -> str:
     from skyrl_mtp.tools.init_model import main as init_model
 
-    model = tempfile.mkdtemp(prefix="skyrl_mtp_invariance_") + "/tiny"
-    init_model(["--preset", "tiny", "--out", model, "--seed", str(seed)])
+    model = tempfile.mkdtemp(prefix="skyrl_mtp_invariance_") + f"/{preset}"
+    init_model(["--preset", preset, "--out", model, "--seed", str(seed)])
     return model
 
 
@@ -114,7 +114,7 @@ def run_tensor_parallel(args) -> dict:
     if torch.cuda.is_available() and torch.cuda.device_count() < args.tp:
         raise SystemExit(f"--tp {args.tp} needs {args.tp} GPUs (NCCL, one per rank); this machine has "
                          f"{torch.cuda.device_count()}. Run on CPU (gloo) by hiding the GPUs: CUDA_VISIBLE_DEVICES=")
-    args.model = args.model or random_tiny_checkpoint(args.seed)  # one checkpoint for all ranks
+    args.model = args.model or random_tiny_checkpoint(args.seed, args.preset)  # one checkpoint for all ranks
     out_dir = tempfile.mkdtemp(prefix="skyrl_mtp_invariance_tp_")
     ctx = mp.get_context("spawn")
     port = free_port()
@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--topk", type=int, default=16)
     parser.add_argument("--num-depths", type=int, default=1)
     parser.add_argument("--chunk-size", type=int, default=None)
-    parser.add_argument("--model", default=None, help="HF mimo checkpoint (default: a random tiny one)")
+    parser.add_argument("--model", default=None, help="HF checkpoint, mimo or qwen3_5 (default: a random one of --preset)")
+    parser.add_argument("--preset", default="tiny", help="preset of the random checkpoint without --model (tiny, qwen3_5_tiny)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--mini-batches", type=int, default=4, help="optimizer steps per batch (PPO mini-batches)")
     parser.add_argument("--micro-batch-size", type=int, default=2)

@@ -1,4 +1,5 @@
-"""Write a randomly initialised HF checkpoint (safetensors + config + tokenizer) of a mimo preset.
+"""Write a randomly initialised HF checkpoint (safetensors + config + tokenizer) of a model preset
+(any family: tiny, small, qwen3_5_tiny, ...).
 
     python -m skyrl_mtp.tools.init_model --preset tiny --out DIR [--seed N]
 """
@@ -8,12 +9,12 @@ from __future__ import annotations
 import argparse
 
 from skyrl_mtp.models.checkpoint import random_hf_state_dict, save_hf_checkpoint
-from skyrl_mtp.models.mimo import get_preset
+from skyrl_mtp.models.families import get_preset
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", required=True, help="model preset, e.g. tiny")
+    parser.add_argument("--preset", required=True, help="model preset, e.g. tiny or qwen3_5_tiny")
     parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
