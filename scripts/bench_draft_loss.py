@@ -362,7 +362,8 @@ def projection_mode(args: argparse.Namespace) -> dict:
                 grad = hidden.grad.double()
                 result["grad_rel_err_vs_fp64"] = float((grad - reference[1]).norm() / reference[1].norm())
                 if name != "liger" or loss_type == "hard_ce":  # Liger's soft_ce is KL: offset by H(p)
-                    result["loss_rel_err_vs_fp64"] = abs(result["loss"] - float(reference[0])) / abs(float(reference[0]))
+                    ref_loss = float(reference[0])
+                    result["loss_rel_err_vs_fp64"] = abs(result["loss"] - ref_loss) / abs(ref_loss)
                 hidden.grad = None
                 del grad
             per_loss[name] = result

@@ -286,7 +286,8 @@ def fused_linear_draft_loss(
             f"got device {hidden.device}, Triton importable: {_triton_importable()}"
         )
     if hidden.dim() < 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"hidden [*, H] and weight [V_local, H] do not match: {tuple(hidden.shape)}, {tuple(weight.shape)}")
+        raise ValueError(
+            f"hidden [*, H] and weight [V_local, H] do not match: {tuple(hidden.shape)}, {tuple(weight.shape)}")
     lead = hidden.shape[:-1]
     if mask.shape != lead:
         raise ValueError(f"mask must have shape {tuple(lead)}; got {tuple(mask.shape)}")
@@ -294,7 +295,8 @@ def fused_linear_draft_loss(
     if needs_teacher and (teacher_logits is None) == (teacher_hidden is None):
         raise ValueError(f"loss_type={loss_type!r} needs exactly one of teacher_logits, teacher_hidden")
     if teacher_logits is not None and teacher_logits.shape != (*lead, weight.shape[0]):
-        raise ValueError(f"teacher_logits must have shape {(*lead, weight.shape[0])}; got {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            f"teacher_logits must have shape {(*lead, weight.shape[0])}; got {tuple(teacher_logits.shape)}")
     if teacher_hidden is not None and teacher_hidden.shape != hidden.shape:
         raise ValueError(f"teacher_hidden must have shape {tuple(hidden.shape)}; got {tuple(teacher_hidden.shape)}")
     if loss_type == "hard_ce" and (labels is None or labels.shape != lead):
