@@ -203,6 +203,13 @@ class GeneratorConfig:
     # probability of it) or probabilistic (sampled at the request's temperature; accepted with
     # min(1, p/q), so acceptance is 1 - TV(p, q), what the tv draft loss minimises)
     draft_sample_method: str = "probabilistic"  # the better of the two on the demo task (docs/performance.md)
+    # How many tokens to draft each step: fixed (trainer.mtp.num_speculative_tokens, K, every step)
+    # or auto (0..K each step, from the measured throughput at each k and the head's live
+    # acceptance; every draft_probe_every-th step runs another k, so acceptance is still measured
+    # when drafting is off: skyrl_mtp/inference/draft_control.py). auto switches drafting off where
+    # it does not pay (the tiny model on CPU); on CUDA it costs vLLM's FULL decode graphs.
+    draft_control: str = "fixed"
+    draft_probe_every: int = 5
     weight_sync_bucket_mb: int = 64
     # ray: through host memory and Ray's object store (any placement); cuda_ipc: GPU to GPU for
     # engines on the policy's GPU; broadcast: the policy's rank 0 broadcasts to every engine worker
@@ -419,6 +426,24 @@ def validate_config(cfg: Config) -> Config:
             "or null for one step on the whole batch")
     if t.ppo_epochs < 1:
         bad("trainer.ppo_epochs", t.ppo_epochs, "must be >= 1")
+    if g.draft_control not in ("fixed", "auto"):
+        bad("generator.draft_control", g.draft_control, "use one of ['fixed', 'auto']")
+    elif g.draft_control == "auto":
+        if not (t.mtp.enabled or g.speculative_config):
+            bad("generator.draft_control", g.draft_control,
+                "auto chooses how many tokens to draft, but nothing drafts: set trainer.mtp.enabled=true or use fixed")
+        if not g.enforce_eager:
+            bad("generator.draft_control", g.draft_control,
+                "a run-time k makes vLLM drop its FULL CUDA decode graphs (0.75x at batch 128 on an H200, "
+                "docs/rollout_speed.md); with CUDA graphs keep fixed and pick k with scripts/bench_rollout_speedup.py, "
+                "or set generator.enforce_eager=true")
+        if g.draft_probe_every < 2:
+            bad("generator.draft_probe_every", g.draft_probe_every, "every n-th step probes another k: use >= 2")
+    if not 0.0 <= t.warm_start.tool_share <= 1.0:
+        bad("trainer.warm_start.tool_share", t.warm_start.tool_share, "a share of trajectories: use a value in [0, 1]")
+    elif t.warm_start.tool_share < 1.0 and cfg.data.name != "search":
+        bad("trainer.warm_start.tool_share", t.warm_start.tool_share,
+            f"only the multi-turn search task has tool calls to leave out (data.name={cfg.data.name!r}); use 1.0")
     _check_optim(bad, "trainer.optim", t.optim)
     if m.micro_batch_size < 1:
         bad("megatron.micro_batch_size", m.micro_batch_size, "must be >= 1")

@@ -39,6 +39,10 @@ class RolloutConfig:
     num_speculative_tokens: int | None = None
     speculative_method: str = "mtp"
     draft_sample_method: str = "probabilistic"  # greedy | probabilistic (vLLM SpeculativeConfig.draft_sample_method)
+    # The engine may draft fewer than num_speculative_tokens (down to 0) per call, set at run time
+    # (RolloutEngine.set_num_draft_tokens, through vLLM's batch-size schedule table;
+    # skyrl_mtp.inference.draft_control). On CUDA this costs vLLM's FULL decode graphs.
+    runtime_draft_tokens: bool = False
     max_model_len: int = 2048
     dtype: str = "auto"
     seed: int = 0
@@ -84,6 +88,9 @@ class RolloutConfig:
         if self.draft_sample_method not in ("greedy", "probabilistic"):
             raise ValueError("RolloutConfig.draft_sample_method must be 'greedy' or 'probabilistic', "
                              f"got {self.draft_sample_method!r}")
+        if self.runtime_draft_tokens and not self.drafting:
+            raise ValueError("RolloutConfig.runtime_draft_tokens needs drafting (num_speculative_tokens >= 1): "
+                             "it chooses between 0 and that many drafts per call")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"RolloutConfig.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.weight_transport not in ("ray", "cuda_ipc", "broadcast"):

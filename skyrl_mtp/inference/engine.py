@@ -198,6 +198,11 @@ def llm_kwargs(config: RolloutConfig, device: str) -> dict[str, Any]:
         kwargs["speculative_config"] = {"method": config.speculative_method,
                                         "num_speculative_tokens": config.num_speculative_tokens,
                                         "draft_sample_method": config.draft_sample_method}
+        if config.runtime_draft_tokens:
+            # One range over every batch size at k: the scheduler then reads k from a table that
+            # set_num_draft_tokens rewrites (vLLM's "dynamic speculative decoding").
+            kwargs["speculative_config"]["num_speculative_tokens_per_batch_size"] = [
+                (1, 1 << 20, config.num_speculative_tokens)]
     if config.max_num_seqs is not None:
         kwargs["max_num_seqs"] = config.max_num_seqs
     if device == "cuda" and config.drafting and not kwargs["enforce_eager"]:
@@ -349,6 +354,27 @@ class RolloutEngine:
 
     def reset_prefix_cache(self) -> bool:
         return bool(self.llm.reset_prefix_cache())
+
+    def set_num_draft_tokens(self, k: int) -> int:
+        """Draft ``k`` tokens per step from the next call on (0: no drafting), for engines started
+        with ``runtime_draft_tokens``: every entry of the scheduler's batch-size -> k table becomes
+        k (vLLM's runner drafts and verifies the k the scheduler hands it each step)."""
+        if not self.config.runtime_draft_tokens:
+            raise RuntimeError("set_num_draft_tokens needs an engine started with RolloutConfig.runtime_draft_tokens=True")
+        if not 0 <= k <= self.config.num_speculative_tokens:
+            raise ValueError(f"k={k}: this engine drafts at most num_speculative_tokens="
+                             f"{self.config.num_speculative_tokens} (0 switches drafting off)")
+        scheduler = getattr(getattr(getattr(self.llm.llm_engine, "engine_core", None), "engine_core", None),
+                            "scheduler", None)
+        table = getattr(scheduler, "dynamic_sd_lookup", None)
+        if not isinstance(table, list):
+            import vllm
+
+            raise RuntimeError(f"vLLM {vllm.__version__}: no in-process scheduler with a dynamic_sd_lookup table "
+                               "(llm_engine.engine_core.engine_core.scheduler); runtime k needs vLLM's dynamic "
+                               "speculative decoding (0.25 / 0.32) and VLLM_ENABLE_V1_MULTIPROCESSING=0")
+        scheduler.dynamic_sd_lookup = [k] * len(table)
+        return k
 
     # -- generation ---------------------------------------------------------------------------
 

@@ -298,6 +298,13 @@ class RolloutEngineGroup:
                 continue
         return counters
 
+    def set_num_draft_tokens(self, k: int) -> None:
+        """Every engine drafts ``k`` tokens per step from the next generation on (engines started
+        with ``runtime_draft_tokens``; 0 switches drafting off)."""
+        engines = self._require_all_alive("set the number of draft tokens")
+        gather([(e, e.actor.set_num_draft_tokens.remote(k)) for e in engines], "set_num_draft_tokens",
+               self.config.call_timeout_s)
+
     def reset_prefix_caches(self) -> None:
         engines = self._require_all_alive("reset prefix caches")
         gather([(e, e.actor.reset_prefix_cache.remote()) for e in engines], "reset_prefix_cache",

@@ -40,6 +40,7 @@ class RLTrainer:
         self.ckpt = CheckpointManager(self.run_dir, cfg.trainer.keep_last_n)
         self.policy = self.ref = self.engines = self.retrieval_server = None
         self._frozen_head = None
+        self.draft_control = None  # generator.draft_control=auto: picks each step's k
         self.step = 0
 
     # ------------------------------------------------------------------ set-up
@@ -145,6 +146,7 @@ class RLTrainer:
                              num_speculative_tokens=self.speculative_tokens(),
                              speculative_method=(g.speculative_config or {}).get("method", "mtp"),
                              draft_sample_method=g.draft_sample_method,
+                             runtime_draft_tokens=g.draft_control == "auto",
                              max_model_len=g.max_model_len, dtype=g.dtype, seed=self.cfg.trainer.seed,
                              # the requests of one generation round each engine runs at once
                              max_num_seqs=-(-self.cfg.trainer.train_batch_size * self.cfg.trainer.n_samples_per_prompt
@@ -216,6 +218,11 @@ class RLTrainer:
                                    num_cpus_per_worker=mg.num_cpus_per_worker,
                                    num_gpus_per_worker=mg.num_gpus_per_worker, num_threads=mg.threads_per_worker)
         self.engines = RolloutEngineGroup(self.rollout_config(self.model_path))
+        if c.generator.draft_control == "auto":
+            from skyrl_mtp.inference.draft_control import DraftController
+
+            self.draft_control = DraftController(max_k=self.speculative_tokens(),
+                                                 probe_every=c.generator.draft_probe_every)
         self.rollouts = RolloutCollector(c, self.engines, self.train_data, self.tokenizer, self.reward_fn,
                                          make_env=self.start_environments())
         _log(f"weight sync: {self.engines.transport.name} transport, buckets of {c.generator.weight_sync_bucket_mb} MB")
@@ -233,6 +240,8 @@ class RLTrainer:
         self.train_data.load_state_dict(state["data"])
         random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python_rng"]))
         self.step = state["step"]
+        if self.draft_control is not None and "draft_control" in state:
+            self.draft_control.load_state_dict(state["draft_control"])
         self.sync_engine_weights(version=self.step + 1)
         _log(f"resumed from {directory} at step {self.step}")
 
@@ -249,11 +258,18 @@ class RLTrainer:
 
         timings = {}
         t0 = time.time()
+        if self.draft_control is not None:
+            k = self.draft_control.next_k()
+            self.engines.set_num_draft_tokens(k)
         self.engines.metrics.start("train")
         batch = self.rollouts.collect(self.step)
         window = self.engines.metrics.stop("train")
         metrics = dict(batch.metrics)
         metrics.update(window if self.speculative_tokens() else _without_draft_metrics(window))
+        if self.draft_control is not None:
+            self.draft_control.observe(k, window.get("vllm/generation_tokens_per_s", 0.0),
+                                       [window.get(f"vllm/draft_acceptance_rate_pos_{i}", 0.0) for i in range(k)])
+            metrics.update({"draft/k": float(k), **self.draft_control.metrics()})
         timings["timing/generate_s"] = time.time() - t0
         if not batch.rollouts:
             _log(f"step {self.step + 1}: no informative groups after dynamic sampling; skipping the update")
@@ -362,6 +378,8 @@ class RLTrainer:
 
     def save(self) -> None:
         state = {"data": self.train_data.state_dict(), "python_rng": random.getstate(), "compat": self.compat()}
+        if self.draft_control is not None:
+            state["draft_control"] = self.draft_control.state_dict()
         path = self.ckpt.save(self.step, lambda d: self.policy.save_checkpoint(str(d)), state)
         _log(f"checkpoint {path}")
 

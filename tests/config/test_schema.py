@@ -113,6 +113,11 @@ BAD = [
     (["trainer.resume=/nonexistent/ckpt"], r"trainer.resume='/nonexistent/ckpt'"),
     (["trainer.loggers=[console,tensorboard]"], r"trainer.loggers='tensorboard'"),
     (["algorithm.overlong.buffer_len=100"], r"algorithm.overlong.buffer_len=100"),
+    (["generator.draft_control=sometimes"], r"generator.draft_control='sometimes': use one of"),
+    (["generator.draft_control=auto"], r"generator.draft_control='auto': auto chooses how many tokens to draft, but nothing drafts"),
+    (["generator=gpu", "megatron=gpu", "trainer.mtp.enabled=true", "generator.draft_control=auto"],
+     r"generator.draft_control='auto': a run-time k makes vLLM drop its FULL CUDA decode graphs"),
+    (["trainer.mtp.enabled=true", "generator.draft_control=auto", "generator.draft_probe_every=1"], r"generator.draft_probe_every=1"),
     (["trainer.warm_start.tool_share=0.5"], r"trainer.warm_start.tool_share=0.5: only the multi-turn search task"),
     (["data=search", "env.name=search", "trainer.warm_start.tool_share=1.5"], r"trainer.warm_start.tool_share=1.5"),
 ]

@@ -73,6 +73,32 @@ def test_rl_loop_with_mtp(tmp_path):
 
 
 @pytest.mark.slow
+def test_auto_draft_control_measures_each_k_then_picks_by_measured_speed(tmp_path):
+    proc = _train(tmp_path / "run", "trainer.mtp.enabled=true", "trainer.mtp.num_speculative_tokens=2",
+                  "generator.draft_control=auto", "generator.draft_probe_every=5", "trainer.total_steps=4",
+                  "trainer.eval_every=0")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = _rows(tmp_path / "run")
+    assert [r["draft/k"] for r in rows] == [2, 0, 1, rows[3]["draft/k"]]  # every k measured once, K first
+    by_k = {int(r["draft/k"]): r for r in rows[:3]}
+    assert by_k[0]["vllm/num_drafts"] == 0  # k=0: vLLM drafted nothing
+    assert by_k[1]["vllm/num_draft_tokens"] == by_k[1]["vllm/num_drafts"] > 0
+    assert by_k[2]["vllm/num_draft_tokens"] == 2 * by_k[2]["vllm/num_drafts"] > 0
+    # Step 4's k, recomputed from the logged throughput and acceptance: c(k) = (1 + a_1..a_k) *
+    # tput(0) / tput(k) at the acceptance of k's own step, speedup = (1 + a_1..a_k now) / c(k), with
+    # "now" = the latest drafting step's rates (step 3 for position 0, step 1 for position 1, capped
+    # so the profile does not rise); drafting only if it beats 1.05.
+    tput = {k: r["vllm/generation_tokens_per_s"] for k, r in by_k.items()}
+    acc = {k: [r[f"vllm/draft_acceptance_rate_pos_{i}"] for i in range(k)] for k, r in by_k.items() if k}
+    now = [acc[1][0], min(acc[2][1], acc[1][0])]
+    speedup = {k: (1 + sum(now[:k])) / ((1 + sum(acc[k])) * tput[0] / tput[k]) for k in (1, 2)}
+    best = max(speedup, key=speedup.get)
+    assert rows[3]["draft/k"] == (best if speedup[best] > 1.05 else 0), (speedup, rows[3]["draft/k"])
+    for k in (1, 2):  # logged after step 3's observation: the state step 4's choice came from
+        assert rows[2][f"draft/predicted_speedup_k{k}"] == pytest.approx(speedup[k], rel=1e-6)
+
+
+@pytest.mark.slow
 def test_rl_loop_without_mtp_has_no_mtp_metrics(tmp_path):
     proc = _train(tmp_path / "run", "trainer.mtp.enabled=false", "algorithm=grpo")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
