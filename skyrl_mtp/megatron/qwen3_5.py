@@ -317,6 +317,20 @@ def build_native_gpt_with_mtp(cfg: Qwen35Config, opts):
 
 
 # ---------------------------------------------------------------------------------------- bridge
+LANGUAGE_MODEL, VISUAL = "model.language_model.", "model.visual."
+
+
+def text_only_names(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The released Qwen3.5 checkpoints are multimodal (``Qwen3_5ForConditionalGeneration``): the text
+    model lives under ``model.language_model.*`` and a vision tower under ``model.visual.*``, with
+    ``lm_head`` and ``mtp.*`` at the top. Training and drafting here are text-only: the text names
+    are mapped to the ``Qwen3_5ForCausalLM`` layout (``model.*``) and the vision tower is dropped."""
+    if not any(k.startswith(LANGUAGE_MODEL) for k in hf):
+        return hf
+    return {("model." + k[len(LANGUAGE_MODEL):] if k.startswith(LANGUAGE_MODEL) else k): v
+            for k, v in hf.items() if not k.startswith(VISUAL)}
+
+
 @dataclass(frozen=True)
 class Qwen35Bridge:
     """HF (Qwen3.5 text + MTP) names <-> Megatron names, full tensors (TP 1).
@@ -408,6 +422,7 @@ class Qwen35Bridge:
                        source: str = "HF state dict") -> dict[str, torch.Tensor]:
         from skyrl_mtp.models.checkpoint import validate_hf_state_dict
 
+        hf = text_only_names(hf)
         validate_hf_state_dict(self.cfg, hf, require_mtp=with_mtp, source=source)
         out = {"embedding.word_embeddings.weight": self._pad_vocab(hf["model.embed_tokens.weight"])}
         for i, kind in enumerate(self.cfg.layer_types):

