@@ -59,8 +59,10 @@ class MimoBridge:
         c = self.cfg
         return c.num_attention_heads // c.num_query_groups, c.num_query_groups, c.head_dim
 
-    def _fuse_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        per_group, groups, d = self._qkv_split()
+    def _fuse_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int | None = None) -> torch.Tensor:
+        """`groups` query groups (all of them by default; a TP rank's share when reading its slices)."""
+        per_group, all_groups, d = self._qkv_split()
+        groups = groups or all_groups
         rest = q.shape[1:]
         q = q.reshape(groups, per_group * d, *rest)
         k = k.reshape(groups, d, *rest)
@@ -156,6 +158,76 @@ class MimoBridge:
             self._layer_to_hf(mc, f"{m}.{self.mtp_submodule}", h, out)
         return out
 
+    # ---------------------------------------------------------------- lazy reading
+    def read_tp_shard(self, reader, tp_rank: int, tp_size: int, *, with_mtp: bool, source: str) -> dict[str, torch.Tensor]:
+        """This TP rank's Megatron tensors (trunk, and the MTP layers if with_mtp) read from a
+        :class:`~skyrl_mtp.models.checkpoint.CheckpointReader` as slices: the tensors of
+        ``shard_for_tp(hf_to_megatron(full), tp_rank, tp_size)``, without reading the rest.
+        Column-parallel weights are row ranges of the HF tensors (a rank's query groups of q, k and
+        v; its share of gate and up; its vocabulary rows, zero-padded like Megatron's), row-parallel
+        ones column ranges (o_proj, down_proj); norms are read whole."""
+        from skyrl_mtp.models.checkpoint import validate_hf_shapes
+
+        validate_hf_shapes(self.cfg, {k: reader.shape(k) for k in reader.keys()}, require_mtp=with_mtp, source=source)
+        c = self.cfg
+        per_group, groups, d = self._qkv_split()
+        sizes = {"num_query_groups": groups, "ffn_hidden_size": c.ffn_hidden_size, "hidden_size": c.hidden_size}
+        for what, size in sizes.items():
+            if size % tp_size:
+                raise ValueError(f"{source}: {what}={size} is not divisible by tp_size={tp_size}")
+        g = groups // tp_size
+
+        def rows(name: str, start: int, stop: int) -> torch.Tensor:
+            return reader.get_slice(name)[start:stop]
+
+        def cols(name: str, start: int, stop: int) -> torch.Tensor:
+            return reader.get_slice(name)[:, start:stop]
+
+        def share(total: int) -> tuple[int, int]:
+            size = total // tp_size
+            return tp_rank * size, (tp_rank + 1) * size
+
+        def vocab(name: str) -> torch.Tensor:
+            start, stop = share(self.padded_vocab)
+            real = min(stop, c.vocab_size)
+            w = rows(name, start, real) if real > start else reader.get_slice(name)[0:0]
+            return torch.cat([w, w.new_zeros(stop - start - w.shape[0], *w.shape[1:])]) if w.shape[0] < stop - start else w
+
+        def layer(h: str, m: str, out: dict) -> None:
+            ln1, ln2 = self._norm_names(m)
+            out[ln1] = reader.get(f"{h}.input_layernorm.weight")
+            out[ln2] = reader.get(f"{h}.post_attention_layernorm.weight")
+            a = f"{h}.self_attn"
+            q0, q1 = tp_rank * g * per_group * d, (tp_rank + 1) * g * per_group * d
+            k0, k1 = tp_rank * g * d, (tp_rank + 1) * g * d
+            for kind in ("weight", "bias"):
+                out[f"{m}.self_attention.linear_qkv.{kind}"] = self._fuse_qkv(
+                    rows(f"{a}.q_proj.{kind}", q0, q1), rows(f"{a}.k_proj.{kind}", k0, k1),
+                    rows(f"{a}.v_proj.{kind}", k0, k1), groups=g)
+            out[f"{m}.self_attention.linear_proj.weight"] = cols(f"{a}.o_proj.weight", q0, q1)
+            f0, f1 = share(c.ffn_hidden_size)
+            out[f"{m}.mlp.linear_fc1.weight"] = torch.cat(
+                [rows(f"{h}.mlp.gate_proj.weight", f0, f1), rows(f"{h}.mlp.up_proj.weight", f0, f1)])
+            out[f"{m}.mlp.linear_fc2.weight"] = cols(f"{h}.mlp.down_proj.weight", f0, f1)
+
+        out: dict[str, torch.Tensor] = {"embedding.word_embeddings.weight": vocab("model.embed_tokens.weight")}
+        for m, h in self._layer_pairs("decoder.layers", "model.layers"):
+            layer(h, m, out)
+        out["decoder.final_layernorm.weight"] = reader.get("model.norm.weight")
+        if not c.tie_word_embeddings:
+            out["output_layer.weight"] = vocab("lm_head.weight")
+        if with_mtp:
+            hsz = c.hidden_size
+            for j in range(c.num_mtp_layers):
+                h, m = f"model.mtp_layers.{j}", f"mtp.layers.{j}"
+                out[f"{m}.enorm.weight"] = reader.get(f"{h}.token_layernorm.weight")
+                out[f"{m}.hnorm.weight"] = reader.get(f"{h}.hidden_layernorm.weight")
+                proj = rows(f"{h}.input_proj.weight", *share(hsz))  # acts on cat(hidden, embed)
+                out[f"{m}.eh_proj.weight"] = torch.cat([proj[:, hsz:], proj[:, :hsz]], dim=1)
+                out[f"{m}.final_layernorm.weight"] = reader.get(f"{h}.final_layernorm.weight")
+                layer(h, f"{m}.{self.mtp_submodule}", out)
+        return out
+
     # ---------------------------------------------------------------- tensor parallel
     @staticmethod
     def tp_layout(name: str) -> str:
@@ -210,6 +282,21 @@ def make_bridge(cfg: MimoConfig, *, tp_size: int = 1, te_names: bool = False, di
 
     return MimoBridge(cfg=cfg, padded_vocab=padded_vocab_size(cfg.vocab_size, tp_size, divisible_by),
                       te_names=te_names, mtp_submodule=mtp_submodule_name())
+
+
+def read_megatron_shard(bridge, path, *, tp_rank: int, tp_size: int, with_mtp: bool) -> dict[str, torch.Tensor]:
+    """A TP rank's Megatron tensors from an HF checkpoint directory, read lazily. A bridge with
+    ``read_tp_shard`` (mimo) reads only the rank's slices; the others (qwen3_5 for now) read the
+    tensors they convert, the MTP head's only when with_mtp, and cut the rank's shard after."""
+    from skyrl_mtp.models.checkpoint import CheckpointReader
+    from skyrl_mtp.models.families import is_mtp_tensor
+
+    with CheckpointReader(path) as reader:
+        if hasattr(bridge, "read_tp_shard"):
+            return bridge.read_tp_shard(reader, tp_rank, tp_size, with_mtp=with_mtp, source=str(path))
+        names = [n for n in reader.keys() if with_mtp or not is_mtp_tensor(bridge.cfg, n)]
+        full = bridge.hf_to_megatron(reader.read(names), with_mtp=with_mtp, source=str(path))
+    return bridge.shard_for_tp(full, tp_rank, tp_size)
 
 
 def module_state(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:

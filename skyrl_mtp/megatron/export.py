@@ -43,13 +43,15 @@ def export_hf_tensors(trunk, head, bridge: MimoBridge, tp_group=None, dtype: tor
 
 
 def export_hf_checkpoint(trunk, head, bridge: MimoBridge, out_dir: str | Path, *, tp_group=None,
-                         write: bool = True, torch_dtype: str = "float32") -> Path | None:
+                         write: bool = True, torch_dtype: str = "float32",
+                         max_shard_bytes: int | None = None) -> Path | None:
     """Writes an HF checkpoint (with MTP layers when `head` is given). Collective over the TP group;
-    only ranks with ``write=True`` touch the disk."""
+    only ranks with ``write=True`` touch the disk. With `max_shard_bytes` the weights are shards
+    with ``model.safetensors.index.json`` (see ``models.checkpoint.save_hf_checkpoint``)."""
     from skyrl_mtp.models.checkpoint import save_hf_checkpoint
 
     hf = export_hf_tensors(trunk, head, bridge, tp_group)
     if not write:
         return None
     cfg = bridge.cfg if head is not None else bridge.cfg.replace(num_mtp_layers=0)
-    return save_hf_checkpoint(cfg, hf, out_dir, torch_dtype=torch_dtype)
+    return save_hf_checkpoint(cfg, hf, out_dir, torch_dtype=torch_dtype, max_shard_bytes=max_shard_bytes)

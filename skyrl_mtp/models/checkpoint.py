@@ -1,8 +1,12 @@
 """HF checkpoints of the mimo family: random initialisation, saving and loading (safetensors only).
 
-A checkpoint directory holds ``config.json`` (MiMo layout, see ``skyrl_mtp.models.mimo``),
-``model.safetensors`` and, for presets with a built-in tokenizer, the tokenizer files.
-Weights are read with safetensors only: never pickle.
+A checkpoint directory holds ``config.json`` (MiMo layout, see ``skyrl_mtp.models.mimo``), the
+weights as ``model.safetensors`` or as shards ``model-0000i-of-0000n.safetensors`` listed in
+``model.safetensors.index.json`` (HF's layout, which transformers and vLLM load), and, for presets
+with a built-in tokenizer, the tokenizer files. Weights are read with safetensors only, never
+pickle, and lazily (:class:`CheckpointReader`): a reader reads the tensors, or the slices of
+tensors, it is asked for, so a rank reads its own tensor-parallel shard and the MTP-off path
+reads only the head.
 """
 
 from __future__ import annotations
@@ -84,6 +88,18 @@ def random_hf_state_dict(cfg: MimoConfig, seed: int = 0) -> dict[str, torch.Tens
 
 def validate_hf_state_dict(cfg: MimoConfig, state: dict[str, torch.Tensor], *, require_mtp: bool, source: str) -> None:
     """Raises ValueError naming the first missing or mis-shaped tensor (before any model is built)."""
+    validate_hf_shapes(cfg, {k: tuple(v.shape) for k, v in state.items()}, require_mtp=require_mtp, source=source)
+
+
+def check_hf_checkpoint(cfg: MimoConfig, path: str | Path, *, require_mtp: bool) -> None:
+    """validate_hf_state_dict on a checkpoint directory, from the safetensors headers only."""
+    with CheckpointReader(path) as reader:
+        validate_hf_shapes(cfg, {k: reader.shape(k) for k in reader.keys()}, require_mtp=require_mtp,
+                           source=str(path))
+
+
+def validate_hf_shapes(cfg: MimoConfig, state: dict[str, tuple[int, ...]], *, require_mtp: bool, source: str) -> None:
+    """validate_hf_state_dict on name -> shape."""
     expected = hf_tensor_shapes(cfg)
     if require_mtp and cfg.num_mtp_layers < 1:
         raise ValueError(f"{source}: MTP was requested but config.json has num_nextn_predict_layers=0 "
@@ -99,7 +115,7 @@ def validate_hf_state_dict(cfg: MimoConfig, state: dict[str, torch.Tensor], *, r
                 else "")
         raise ValueError(f"{source}: missing tensor {missing[0]!r}{hint}; {len(missing)} missing in total")
     for name, shape in expected.items():
-        got = tuple(state[name].shape)
+        got = tuple(state[name])
         if got != shape:
             raise ValueError(f"{source}: tensor {name!r} has shape {got}, expected {shape} for this config")
 
@@ -108,21 +124,26 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "chat_template.jinja")
 
 
+INDEX_FILE = "model.safetensors.index.json"
+
+
 def save_hf_checkpoint(cfg: MimoConfig, state: dict[str, torch.Tensor], out_dir: str | Path,
-                       torch_dtype: str = "float32", tokenizer_from: str | Path | None = None) -> Path:
-    """Writes config.json + model.safetensors (+ tokenizer) atomically: a temp dir renamed into place.
+                       torch_dtype: str = "float32", tokenizer_from: str | Path | None = None,
+                       max_shard_bytes: int | None = None) -> Path:
+    """Writes config.json + weights (+ tokenizer) atomically: a temp dir renamed into place.
 
-    The tokenizer is the built-in one for presets that have it, else copied from `tokenizer_from`.
+    Weights: one ``model.safetensors``, or with ``max_shard_bytes`` shards of at most that size
+    (a tensor larger than it gets a shard of its own) and ``model.safetensors.index.json``, as HF
+    writes them; tensors are converted to `torch_dtype` one shard at a time. The tokenizer is the
+    built-in one for presets that have it, else copied from `tokenizer_from`.
     """
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     validate_hf_state_dict(cfg, state, require_mtp=cfg.num_mtp_layers > 0, source=str(out))
+    if max_shard_bytes is not None and max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes}: must be >= 1 (or None for one file)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    dtype = getattr(torch, torch_dtype)
-    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    _write_weights(state, tmp, getattr(torch, torch_dtype), max_shard_bytes)
     (tmp / "config.json").write_text(json.dumps(cfg.to_hf_config(torch_dtype), indent=2))
     if cfg.tokenizer == "tiny":
         from skyrl_mtp.models.tokenizer import save_tiny_tokenizer
@@ -146,17 +167,121 @@ def save_hf_checkpoint(cfg: MimoConfig, state: dict[str, torch.Tensor], out_dir:
     return out
 
 
-def load_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF checkpoint directory (one or several .safetensors files)."""
-    from safetensors.torch import load_file
+def _write_weights(state: dict[str, torch.Tensor], directory: Path, dtype: torch.dtype,
+                   max_shard_bytes: int | None) -> None:
+    from safetensors.torch import save_file
 
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors files in {path}: only safetensors checkpoints are loaded")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return state
+    if max_shard_bytes is None:
+        tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in state.items():  # in the state's order: layers stay together
+        nbytes = tensor.numel() * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    weight_map, total = {}, 0
+    for i, names in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {k: state[k].detach().to("cpu", dtype).contiguous() for k in names}
+        save_file(tensors, str(directory / file), metadata={"format": "pt"})
+        total += sum(t.numel() * itemsize for t in tensors.values())
+        weight_map.update(dict.fromkeys(names, file))
+        del tensors
+    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                   indent=2))
+
+
+class CheckpointReader:
+    """Lazy access to the tensors of an HF safetensors checkpoint directory.
+
+    Which file holds which tensor comes from ``model.safetensors.index.json`` when present, else
+    from the headers of the ``*.safetensors`` files (no tensor data is read for that). Tensors are
+    read on request, whole (:meth:`get`) or as slices (:meth:`get_slice`, safetensors' lazy
+    slicing: only the requested rows or columns are read). Use as a context manager, or close()."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        self._open = lambda f: safe_open(str(self.path / f), framework="pt")
+        self._handles: dict[str, object] = {}
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            missing = sorted({f for f in self.weight_map.values() if not (self.path / f).is_file()})
+            if missing:
+                raise FileNotFoundError(f"{index} lists {missing[0]}, which is not in {self.path}")
+            return
+        files = sorted(p.name for p in self.path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no .safetensors files in {path}: only safetensors checkpoints are loaded")
+        self.weight_map = {}
+        for f in files:
+            for name in self._handle_of(f).keys():
+                if name in self.weight_map:
+                    raise ValueError(f"{path}: tensor {name!r} is in both {self.weight_map[name]} and {f}")
+                self.weight_map[name] = f
+
+    def _handle_of(self, file: str):
+        if file not in self._handles:
+            self._handles[file] = self._open(file).__enter__()
+        return self._handles[file]
+
+    def _file(self, name: str) -> str:
+        if name not in self.weight_map:
+            raise KeyError(f"{self.path}: no tensor {name!r} in the checkpoint")
+        return self.weight_map[name]
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle_of(self._file(name)).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle_of(self._file(name)).get_tensor(name)
+
+    def get_slice(self, name: str):
+        """safetensors' lazy slice: index it (``[a:b]``, ``[:, a:b]``) to read just that part."""
+        return self._handle_of(self._file(name)).get_slice(name)
+
+    def read(self, names=None) -> dict[str, torch.Tensor]:
+        return {n: self.get(n) for n in (self.keys() if names is None else names)}
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_hf_state_dict(path: str | Path, names=None) -> dict[str, torch.Tensor]:
+    """The tensors of an HF checkpoint directory (all, or just `names`), read with safetensors."""
+    with CheckpointReader(path) as reader:
+        return reader.read(names)
+
+
+def load_mtp_head(path: str | Path, cfg=None) -> dict[str, torch.Tensor]:
+    """Only the MTP head's tensors of a checkpoint (the frozen head of an MTP-off run): the rest of
+    the checkpoint is not read."""
+    from skyrl_mtp.models.families import is_mtp_tensor
+
+    with CheckpointReader(path) as reader:
+        return reader.read([n for n in reader.keys() if is_mtp_tensor(cfg, n)])
 
 
 def _rmtree(path: Path) -> None:

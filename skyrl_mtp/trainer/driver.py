@@ -33,6 +33,9 @@ def _without_draft_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if "draft" not in k and "accepted" not in k}
 
 
+EXPORT_SHARD_BYTES = 5 * 1024**3  # the final HF export: HF's default shard size
+
+
 class RLTrainer:
     def __init__(self, cfg: Config):
         self.cfg = validate_config(cfg)  # every config error surfaces here, before Ray starts
@@ -347,11 +350,11 @@ class RLTrainer:
         return self.engines.sync_weights(weights, version=version)
 
     def checkpoint_head(self) -> dict[str, torch.Tensor]:
-        from skyrl_mtp.models.checkpoint import load_hf_state_dict
-        from skyrl_mtp.models.families import config_from_pretrained, is_mtp_tensor
+        """The checkpoint's MTP head (frozen with MTP off), read alone: the trunk's tensors are not read."""
+        from skyrl_mtp.models.checkpoint import load_mtp_head
+        from skyrl_mtp.models.families import config_from_pretrained
 
-        model_cfg = config_from_pretrained(self.model_path)
-        return {k: v for k, v in load_hf_state_dict(self.model_path).items() if is_mtp_tensor(model_cfg, k)}
+        return load_mtp_head(self.model_path, config_from_pretrained(self.model_path))
 
     def policy_weights(self) -> dict[str, torch.Tensor]:
         """The policy's HF-named tensors for the engines and the export. With MTP off the head is
@@ -389,7 +392,10 @@ class RLTrainer:
 
         out = self.run_dir / "hf_export"
         cfg = config_from_pretrained(self.model_path)
-        return save_hf_checkpoint(cfg, self.policy_weights(), out, tokenizer_from=self.model_path)
+        # bf16 shards + index, as HF publishes checkpoints (half the bytes of fp32; vLLM and
+        # transformers load the index)
+        return save_hf_checkpoint(cfg, self.policy_weights(), out, tokenizer_from=self.model_path,
+                                  torch_dtype="bfloat16", max_shard_bytes=EXPORT_SHARD_BYTES)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, float]:

