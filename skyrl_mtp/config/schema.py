@@ -463,11 +463,6 @@ def validate_config(cfg: Config) -> Config:
     if k.enabled:
         if k.num_speculative_tokens < 1:
             bad("trainer.mtp.num_speculative_tokens", k.num_speculative_tokens, "must be >= 1 with MTP on")
-    if not 0.0 <= t.warm_start.tool_share <= 1.0:
-        bad("trainer.warm_start.tool_share", t.warm_start.tool_share, "a share of trajectories: use a value in [0, 1]")
-    elif t.warm_start.tool_share < 1.0 and cfg.data.name != "search":
-        bad("trainer.warm_start.tool_share", t.warm_start.tool_share,
-            f"only the multi-turn search task has tool calls to leave out (data.name={cfg.data.name!r}); use 1.0")
         if k.loss_type not in LOSS_TYPES:
             bad("trainer.mtp.loss_type", k.loss_type, f"unknown draft loss; use one of {list(LOSS_TYPES)}")
         if k.loss_type == "topk_soft_ce" and k.topk < 1:
@@ -475,14 +470,13 @@ def validate_config(cfg: Config) -> Config:
         _check_optim(bad, "trainer.mtp.optim", k.optim)
         if k.loss_weight <= 0:
             bad("trainer.mtp.loss_weight", k.loss_weight, "must be > 0")
-        if m.pp_size > 1:
-            bad("megatron.pp_size", m.pp_size, "MTP with pipeline parallel is not implemented; use pp_size=1")
+        if m.pp_size > 1 and not k.detach_embedding:
+            bad("trainer.mtp.detach_embedding", False, f"with megatron.pp_size={m.pp_size} the head on the last stage "
+                "uses a frozen replica of the first stage's embedding; keep it true or use pp_size=1")
     if m.cp_size != 1:
         bad("megatron.cp_size", m.cp_size, "context parallel is not supported; use cp_size=1")
-    if m.pp_size != 1:
-        bad("megatron.pp_size", m.pp_size, "pipeline parallel is not implemented yet; use pp_size=1")
-    if m.tp_size < 1 or m.dp_size < 1:
-        bad("megatron.tp_size/dp_size", (m.tp_size, m.dp_size), "must be >= 1")
+    if m.tp_size < 1 or m.dp_size < 1 or m.pp_size < 1:
+        bad("megatron.tp_size/pp_size/dp_size", (m.tp_size, m.pp_size, m.dp_size), "must be >= 1")
     if m.params_dtype not in ("float32", "bfloat16"):
         bad("megatron.params_dtype", m.params_dtype, "use float32 or bfloat16")
     if m.recompute not in RECOMPUTE_MODES:
@@ -580,15 +574,23 @@ def validate_config(cfg: Config) -> Config:
             bad("model.path", None, f"preset {cfg.model.preset!r} has no built-in tokenizer: set model.path to its checkpoint")
         elif k.enabled and PRESETS[cfg.model.preset].num_mtp_layers < 1:
             bad("trainer.mtp.enabled", True, f"preset {cfg.model.preset!r} has no MTP layers")
+        elif m.pp_size >= 1 and PRESETS[cfg.model.preset].num_layers % m.pp_size:
+            bad("megatron.pp_size", m.pp_size, f"preset {cfg.model.preset!r} has {PRESETS[cfg.model.preset].num_layers} "
+                "decoder layers, which do not split evenly over the pipeline stages; use a pp_size that divides it")
     else:
         cfg_json, why = model_config_json(cfg.model.path)
         if cfg_json is None:
             bad("model.path", cfg.model.path, why)
-        elif k.enabled:
+        else:
             import json
 
-            if num_mtp_layers_in(json.loads(cfg_json.read_text())) < 1:
+            hf_config = json.loads(cfg_json.read_text())
+            if k.enabled and num_mtp_layers_in(hf_config) < 1:
                 bad("trainer.mtp.enabled", True, f"{cfg.model.path} has no MTP layers (num_nextn_predict_layers=0)")
+            layers = hf_config.get("num_hidden_layers")
+            if isinstance(layers, int) and m.pp_size >= 1 and layers % m.pp_size:
+                bad("megatron.pp_size", m.pp_size, f"{cfg.model.path} has {layers} decoder layers, which do not "
+                    "split evenly over the pipeline stages; use a pp_size that divides it")
     _check_model_family(cfg, bad)
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))

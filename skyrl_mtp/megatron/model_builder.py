@@ -96,6 +96,13 @@ def transformer_config(cfg: MimoConfig, opts: BuildOptions, *, mtp_layers: int |
         fp16=opts.params_dtype == torch.float16,
         tensor_model_parallel_size=opts.tp_size,
         pipeline_model_parallel_size=opts.pp_size,
+        # What stages send each other (hidden states and their gradients), and, because a rank's
+        # last micro-batch may have fewer rows than the others, shapes sent ahead of each tensor.
+        pipeline_dtype=opts.params_dtype,
+        variable_seq_lengths=opts.pp_size > 1,
+        # Megatron refuses variable shapes with the allgather MoE dispatcher even for a dense model
+        # (no dispatcher is ever built here); name the one it accepts.
+        moe_token_dispatcher_type="alltoall",
         sequence_parallel=opts.sequence_parallel,
         mtp_num_layers=mtp_layers,
         # Fused kernels are CUDA-only; on CPU everything runs unfused.
@@ -194,8 +201,6 @@ def build_mtp_block(cfg: MimoConfig, opts: BuildOptions = BuildOptions()):
 
     if cfg.num_mtp_layers < 1:
         raise ValueError(f"model {cfg.name!r} has num_mtp_layers=0: it has no MTP head to build")
-    if opts.pp_size > 1:
-        raise ValueError("MTP with pipeline parallel (pp_size > 1) is not implemented: use tp/dp for MTP runs")
     if opts.sequence_parallel:
         raise ValueError("MTP head replay with sequence_parallel=True is not implemented: set it false")
     use_te = resolve_use_te(opts.use_te)
@@ -204,6 +209,20 @@ def build_mtp_block(cfg: MimoConfig, opts: BuildOptions = BuildOptions()):
     config = transformer_config(cfg, opts, mtp_layers=cfg.num_mtp_layers)
     spec = get_gpt_mtp_block_spec(config, layer_spec(use_te), use_transformer_engine=use_te)
     return _on_build_device(MultiTokenPredictionBlock(config=config, spec=spec), opts.params_dtype)
+
+
+def build_head_embedding(cfg: MimoConfig, opts: BuildOptions = BuildOptions()):
+    """A frozen copy of the trunk's word embedding for the MTP head on the last pipeline stage
+    (pp_size > 1), where the trunk has none: the head re-embeds the shifted tokens with it.
+    Refreshed from the first stage after every policy step (skyrl_mtp.megatron.pipeline)."""
+    from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+
+    config = transformer_config(cfg, opts, mtp_layers=None)
+    embedding = LanguageModelEmbedding(config=config, vocab_size=_gpt_kwargs(cfg, opts)["vocab_size"],
+                                       max_sequence_length=cfg.max_position_embeddings,
+                                       position_embedding_type="rope")
+    embedding.requires_grad_(False)
+    return _on_build_device(embedding)
 
 
 def build_native_gpt_with_mtp(cfg: MimoConfig, opts: BuildOptions = BuildOptions()):

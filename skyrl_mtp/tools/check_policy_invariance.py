@@ -1,14 +1,16 @@
 """Check that MTP head training leaves the policy's update untouched, bitwise.
 
-    python -m skyrl_mtp.tools.check_policy_invariance --steps 5 [--mini-batches 4] [--loss-type soft_ce] [--model DIR] [--tp 2]
+    python -m skyrl_mtp.tools.check_policy_invariance --steps 5 [--mini-batches 4] [--loss-type soft_ce] [--model DIR] [--tp 2] [--pp 2]
 
 Trains two copies of the same policy on identical batches, K batches of M PPO mini-batches (one
 optimizer step each, old log-probs computed once per batch), one with the decoupled MTP draft
 loss and one without, then compares every policy parameter. Prints JSON:
 ``{"identical": bool, "max_abs_diff": float, "mtp_loss_first": float, "mtp_loss_last": float, ...}``.
-Runs on one process (CPU or one GPU), or with ``--tp N`` on N processes in one tensor-parallel
-group (gloo on CPU, NCCL with one GPU per rank), where every rank compares its own shard and the
-report covers all of them. Without --model it makes a random tiny checkpoint.
+Runs on one process (CPU or one GPU), or with ``--tp N`` / ``--pp M`` on N x M processes
+(tensor-parallel groups of N, pipelines of M stages; gloo on CPU, NCCL with one GPU per rank),
+where every rank compares its own shard (its stage's layers, and on the last stage the output
+layer the head shares) and the report covers all of them. Without --model it makes a random
+tiny checkpoint.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def run(args, rank: int = 0, world_size: int = 1, master_port: int | None = None
     model = args.model or random_tiny_checkpoint(args.seed, args.preset)
     base = PolicyWorkerConfig(
         model_path=model, temperature=1.0,
-        megatron=MegatronConfig(tp_size=world_size, micro_batch_size=args.micro_batch_size, params_dtype=args.dtype,
+        megatron=MegatronConfig(tp_size=args.tp, pp_size=args.pp, micro_batch_size=args.micro_batch_size,
+                                params_dtype=args.dtype,
                                 mtp_loss_chunk_size=args.chunk_size),
         algorithm=AlgorithmConfig(clip_eps_low=0.2, clip_eps_high=0.28),
         optim=OptimConfig(lr=args.lr, clip_grad=1.0), mtp=MtpConfig(enabled=False))
@@ -68,20 +71,25 @@ def run(args, rank: int = 0, world_size: int = 1, master_port: int | None = None
         batch = synthetic_batch(step, min(vocab, 300), args.batch_size, args.seq_len, args.prompt_len)
         # Old log-probs from the MTP-off copy (the on-policy value both copies would use), once
         # per rollout batch; then one optimizer step per mini-batch, as the RL driver does.
-        batch["old_logprobs"] = without.compute_logprobs(batch)["logprobs"]
+        # per rollout batch, as the RL driver does. With pipeline stages only the last computes
+        # them, and only the last needs them.
+        old = without.compute_logprobs(batch)
+        if old is not None:
+            batch["old_logprobs"] = old["logprobs"]
         per = args.batch_size // args.mini_batches
         for start in range(0, args.batch_size, per):
             mini = {k: v[start:start + per] for k, v in batch.items()}
             on = with_mtp.train_step(mini)
             without.train_step(mini)
-            mtp_losses.append(on["mtp/loss"])
+            mtp_losses.append(on.get("mtp/loss"))  # the last pipeline stage's
     a, b = with_mtp.policy_state(), without.policy_state()
     diffs = [(a[k].double() - b[k].double()).abs().max().item() for k in a]
     identical = all(torch.equal(a[k], b[k]) for k in a) and set(a) == set(b)
     return {"identical": identical, "max_abs_diff": max(diffs), "mtp_loss_first": mtp_losses[0],
             "mtp_loss_last": mtp_losses[-1], "steps": args.steps, "mini_batches": args.mini_batches,
             "optimizer_steps": args.steps * args.mini_batches, "loss_type": args.loss_type,
-            "num_policy_tensors": len(a), "tp": world_size, **runtime_facts()}
+            "num_policy_tensors": len(a), "tp": args.tp, "pp": args.pp, "pp_rank": with_mtp.pp_rank,
+            **runtime_facts()}
 
 
 def random_tiny_checkpoint(seed: int, preset: str = "tiny") -> str:
@@ -97,7 +105,7 @@ def _rank_main(rank: int, args, port: int, out_dir: str) -> None:
     import traceback
 
     try:
-        report = run(args, rank=rank, world_size=args.tp, master_port=port)
+        report = run(args, rank=rank, world_size=args.tp * args.pp, master_port=port)
     except BaseException:
         Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
         raise
@@ -105,20 +113,21 @@ def _rank_main(rank: int, args, port: int, out_dir: str) -> None:
     os._exit(0)  # skip process-group teardown; the parent reads the files
 
 
-def run_tensor_parallel(args) -> dict:
-    """``run`` on ``args.tp`` spawned ranks; identical only if every rank's shard is."""
+def run_parallel(args) -> dict:
+    """``run`` on ``args.tp * args.pp`` spawned ranks; identical only if every rank's shard is."""
     import torch.multiprocessing as mp
 
     from skyrl_mtp.megatron.parallel import free_port
 
-    if torch.cuda.is_available() and torch.cuda.device_count() < args.tp:
-        raise SystemExit(f"--tp {args.tp} needs {args.tp} GPUs (NCCL, one per rank); this machine has "
+    world = args.tp * args.pp
+    if torch.cuda.is_available() and torch.cuda.device_count() < world:
+        raise SystemExit(f"--tp {args.tp} --pp {args.pp} needs {world} GPUs (NCCL, one per rank); this machine has "
                          f"{torch.cuda.device_count()}. Run on CPU (gloo) by hiding the GPUs: CUDA_VISIBLE_DEVICES=")
     args.model = args.model or random_tiny_checkpoint(args.seed, args.preset)  # one checkpoint for all ranks
-    out_dir = tempfile.mkdtemp(prefix="skyrl_mtp_invariance_tp_")
+    out_dir = tempfile.mkdtemp(prefix="skyrl_mtp_invariance_mp_")
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, args, port, out_dir)) for r in range(args.tp)]
+    procs = [ctx.Process(target=_rank_main, args=(r, args, port, out_dir)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -126,11 +135,13 @@ def run_tensor_parallel(args) -> dict:
     errors = sorted(Path(out_dir).glob("rank*.err"))
     if errors or any(p.exitcode != 0 for p in procs):
         detail = errors[0].read_text()[-3000:] if errors else f"exit codes {[p.exitcode for p in procs]}"
-        raise RuntimeError(f"check_policy_invariance --tp {args.tp}: a rank failed:\n{detail}")
-    ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(args.tp)]
-    return {**ranks[0], "identical": all(r["identical"] for r in ranks),
+        raise RuntimeError(f"check_policy_invariance --tp {args.tp} --pp {args.pp}: a rank failed:\n{detail}")
+    ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
+    last = next(r for r in ranks if r["pp_rank"] == args.pp - 1)  # where the draft loss is computed
+    return {**last, "identical": all(r["identical"] for r in ranks),
             "max_abs_diff": max(r["max_abs_diff"] for r in ranks),
-            "per_rank": [{k: r[k] for k in ("identical", "max_abs_diff", "num_policy_tensors")} for r in ranks]}
+            "per_rank": [{k: r[k] for k in ("identical", "max_abs_diff", "num_policy_tensors", "pp_rank")}
+                         for r in ranks]}
 
 
 def runtime_facts() -> dict:
@@ -163,16 +174,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (one process per rank)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline stages (one process per rank)")
     parser.add_argument("--attach-output-layer", action="store_true",
                         help="let the draft loss train the shared output layer (must then report identical=false)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
-    if args.tp < 1:
-        parser.error(f"--tp must be >= 1, got {args.tp}")
+    if args.tp < 1 or args.pp < 1:
+        parser.error(f"--tp and --pp must be >= 1, got --tp {args.tp} --pp {args.pp}")
     if args.mini_batches < 1 or args.batch_size % args.mini_batches:
         parser.error(f"--mini-batches={args.mini_batches} must be >= 1 and divide --batch-size={args.batch_size}")
-    report = run(args) if args.tp == 1 else run_tensor_parallel(args)
+    report = run(args) if args.tp * args.pp == 1 else run_parallel(args)
     print(json.dumps(report))
     return report
 

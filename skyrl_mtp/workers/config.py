@@ -27,8 +27,12 @@ class PolicyWorkerConfig:
         mg, mtp = self.megatron, self.mtp
         if mg.cp_size != 1:
             raise ValueError(f"context parallel (megatron.cp_size={mg.cp_size}) is not supported: set cp_size=1")
-        if mg.pp_size != 1:
-            raise ValueError(f"pipeline parallel (megatron.pp_size={mg.pp_size}) is not implemented yet: set pp_size=1")
+        if mg.pp_size < 1:
+            raise ValueError(f"megatron.pp_size must be >= 1, got {mg.pp_size}")
+        if mg.pp_size > 1 and mtp.enabled and not mtp.detach_embedding:
+            raise ValueError(f"trainer.mtp.detach_embedding=false with megatron.pp_size={mg.pp_size}: the head on the "
+                             "last stage uses a frozen replica of the first stage's embedding, so the draft loss "
+                             "cannot train it; keep detach_embedding=true or use pp_size=1")
         if mg.micro_batch_size < 1:
             raise ValueError(f"megatron.micro_batch_size must be >= 1, got {mg.micro_batch_size}")
         if mg.params_dtype not in ("float32", "bfloat16"):

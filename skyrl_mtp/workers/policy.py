@@ -23,7 +23,10 @@ import torch
 
 from skyrl_mtp.megatron.bridge import (load_module_state, make_bridge, module_state, read_megatron_shard,
                                       split_trunk_and_mtp)
-from skyrl_mtp.megatron.model_builder import BuildOptions, build_device, build_mtp_block, build_trunk, causal_mask
+from skyrl_mtp.megatron.model_builder import (BuildOptions, build_device, build_head_embedding, build_mtp_block,
+                                              build_trunk, causal_mask)
+from skyrl_mtp.megatron.pipeline import (check_layer_split, current_stage, finalize_grads, gather_stages, global_names,
+                                         join_optimizer_build, run_schedule, scope_grad_stats, stage_of, stage_state, sync_embedding_replica)
 from skyrl_mtp.models.checkpoint import check_hf_checkpoint
 from skyrl_mtp.models.families import config_from_pretrained
 from skyrl_mtp.mtp.replay import MtpCapture
@@ -139,6 +142,7 @@ class MegatronPolicy:
         self.cfg = cfg
         self.model_cfg = config_from_pretrained(cfg.model_path)  # mimo or qwen3_5, from config.json
         cfg.validate(self.model_cfg.num_mtp_layers)  # before any process group or model exists
+        check_layer_split(self.model_cfg.num_layers, cfg.megatron.pp_size)
         self.mtp_on = cfg.mtp.enabled and trainable
         # The checkpoint's tensor names and shapes, from the safetensors headers (no tensor read yet).
         check_hf_checkpoint(self.model_cfg, cfg.model_path, require_mtp=self.mtp_on)
@@ -156,6 +160,7 @@ class MegatronPolicy:
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.pp_rank, self.pp_size = current_stage()
         self.bridge = bridge
         self.params_dtype = _DTYPES[mg.params_dtype]
         opts = BuildOptions(tp_size=mg.tp_size, pp_size=mg.pp_size, params_dtype=self.params_dtype,
@@ -166,12 +171,21 @@ class MegatronPolicy:
         trunk_state, head_state = split_trunk_and_mtp(shard)
         device = build_device()
 
-        self.trunk = build_trunk(self.model_cfg, opts)
-        load_module_state(self.trunk, trunk_state, what=f"policy trunk ({cfg.model_path})")
-        self.head = None
-        if self.mtp_on:
+        # Megatron's placement: embedding on the first stage, final norm and output layer on the
+        # last, the decoder layers split evenly; the MTP head lives on the last stage.
+        self.trunk = build_trunk(self.model_cfg, opts, pre_process=self.pp_rank == 0,
+                                 post_process=self.pp_rank == self.pp_size - 1)
+        self.stage = stage_of(self.trunk)
+        load_module_state(self.trunk, stage_state(trunk_state, self.stage, tied=self.model_cfg.tie_word_embeddings),
+                          what=f"policy trunk ({cfg.model_path}, pipeline stage {self.pp_rank})")
+        self.head = self.head_embedding = None
+        if self.mtp_on and self.stage.last:
             self.head = build_mtp_block(self.model_cfg, opts)
             load_module_state(self.head, head_state, what=f"MTP head ({cfg.model_path})")
+            if not self.stage.first:
+                self.head_embedding = build_head_embedding(self.model_cfg, opts)
+                load_module_state(self.head_embedding, {"word_embeddings.weight": trunk_state["embedding.word_embeddings.weight"]},
+                                  what=f"MTP head's embedding replica ({cfg.model_path})")
         self.capture = MtpCapture().attach(self.trunk)
         self.device = device
         self.step = 0
@@ -184,6 +198,12 @@ class MegatronPolicy:
             if self.head is not None:
                 self.head_ddp, self.head_opt, self.head_sched = _make_optimizer(
                     self.head, self.head.config, cfg.mtp.optim, self.params_dtype, mg)
+                # The head exists on the last stage only: its grad norm and clipping must not
+                # wait for ranks of other stages (Megatron's default group spans all of them).
+                scope_grad_stats(self.head_opt, distributed_optimizer=mg.use_distributed_optimizer)
+            elif self.mtp_on:
+                join_optimizer_build(lambda stand_in: _make_optimizer(
+                    stand_in, self.trunk.config, cfg.mtp.optim, self.params_dtype, mg), self.params_dtype)
         else:
             self.trunk.eval()
 
@@ -191,11 +211,11 @@ class MegatronPolicy:
     def _model(self):
         return self.trunk_ddp if self.trunk_ddp is not None else self.trunk
 
-    def _microbatches(self, batch: dict[str, torch.Tensor]):
+    def _microbatches(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         n = batch["input_ids"].shape[0]
         size = self.cfg.megatron.micro_batch_size
-        for start in range(0, n, size):
-            yield {k: (v[start:start + size].to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        return [{k: (v[start:start + size].to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                for start in range(0, n, size)]
 
     def _forward(self, mb: dict[str, torch.Tensor], ctx: ObjectiveContext):
         ids = mb["input_ids"]
@@ -216,18 +236,23 @@ class MegatronPolicy:
 
     # ------------------------------------------------------------------ forward-only
     @torch.no_grad()
-    def compute_logprobs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Token log-probs (and entropies) at the rollout temperature, ``[B, S]`` aligned with loss_mask."""
+    def compute_logprobs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Token log-probs (and entropies) at the rollout temperature, ``[B, S]`` aligned with loss_mask,
+        on the last pipeline stage (None on the others). Collective over the pipeline."""
         self.trunk.eval()
-        out_lp, out_ent = [], []
-        for mb in self._microbatches(batch):
-            ctx = ObjectiveContext(mode="logprobs", targets=self._targets(mb["input_ids"]),
-                                   loss_mask=mb["loss_mask"], vocab_size=self.model_cfg.vocab_size,
-                                   temperature=self.cfg.temperature, tp_group=self.tp_group)
-            out = self._forward(mb, ctx)
-            out_lp.append(out["logprobs"].cpu())
-            out_ent.append(out["entropy"].cpu())
-        return {"logprobs": torch.cat(out_lp), "entropy": torch.cat(out_ent)}
+
+        def forward(mb):
+            return self._forward(mb, ObjectiveContext(
+                mode="logprobs", targets=self._targets(mb["input_ids"]), loss_mask=mb["loss_mask"],
+                vocab_size=self.model_cfg.vocab_size, temperature=self.cfg.temperature, tp_group=self.tp_group))
+
+        def keep(out):
+            return out["logprobs"].new_zeros(()), {k: out[k].cpu() for k in ("logprobs", "entropy")}
+
+        outs = run_schedule(self._model(), self._microbatches(batch), forward, keep, forward_only=True)
+        if not self.stage.last:
+            return None
+        return {k: torch.cat([o[k] for o in outs]) for k in ("logprobs", "entropy")}
 
     # ------------------------------------------------------------------ training
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -258,7 +283,8 @@ class MegatronPolicy:
             from skyrl_mtp.mtp.losses import shift_mask
 
             m = self.cfg.mtp
-            draft = DraftObjective(head=self.head, capture=self.capture, embedding=self.trunk.embedding,
+            embedding = self.head_embedding if self.head_embedding is not None else self.trunk.embedding
+            draft = DraftObjective(head=self.head, capture=self.capture, embedding=embedding,
                                    num_depths=m.num_speculative_tokens, loss_type=m.loss_type,
                                    loss_weight=m.loss_weight, topk=m.topk if m.loss_type == "topk_soft_ce" else None,
                                    chunk_size=self.cfg.megatron.mtp_loss_chunk_size,
@@ -276,15 +302,16 @@ class MegatronPolicy:
         sums: dict[str, float] = {}
         maxima: dict[str, float] = {}
         draft_sums = [[0.0, 0.0] for _ in draft_norms]
-        for mb in self._microbatches(batch):
-            ctx = ObjectiveContext(
+
+        def forward(mb):
+            return self._forward(mb, ObjectiveContext(
                 mode="train", targets=self._targets(mb["input_ids"]), loss_mask=mb["loss_mask"].float(),
                 vocab_size=self.model_cfg.vocab_size, temperature=self.cfg.temperature, tp_group=self.tp_group,
                 algorithm=algo, old_logprobs=mb.get("old_logprobs"), advantages=mb["advantages"],
                 ref_logprobs=mb.get("ref_logprobs"), rollout_logprobs=mb.get("rollout_logprobs"),
-                normalizer=normalizer, draft=draft, draft_normalizers=draft_norms)
-            out = self._forward(mb, ctx)
-            out["loss"].backward()
+                normalizer=normalizer, draft=draft, draft_normalizers=draft_norms))
+
+        def loss(out):  # last stage: the schedule back-propagates the returned loss as is
             sums["policy_loss"] = sums.get("policy_loss", 0.0) + float(out["policy_loss"])
             for name, value in out["stats"].items():
                 sums[name] = sums.get(name, 0.0) + float(value)
@@ -293,17 +320,23 @@ class MegatronPolicy:
             for k, (loss_sum, weight) in enumerate(out["draft"]):
                 draft_sums[k][0] += float(loss_sum)
                 draft_sums[k][1] += weight
-        self.trunk_ddp.finish_grad_sync()
+            return out["loss"], {}
+
+        run_schedule(self.trunk_ddp, self._microbatches(batch), forward, loss, forward_only=False)
+        finalize_grads(self.trunk_ddp)
         if self.head is not None:
             self.head_ddp.finish_grad_sync()
         return (sums, maxima), draft_sums
 
     def apply_gradients(self, stats: tuple[dict[str, float], dict[str, float]],
                         draft_sums: list[list[float]]) -> dict[str, float]:
-        """Clip and step each optimizer on its own parameters; advance both LR schedules."""
+        """Clip and step each optimizer on its own parameters; advance both LR schedules. The
+        policy's grad norm covers every pipeline stage; loss and draft metrics exist on the last."""
         ok, grad_norm, _ = self.trunk_opt.step()
         self.trunk_sched.step(1)
-        metrics = self._reduce_metrics(*stats)
+        if self.mtp_on:  # the head's embedding replica follows the policy's embedding
+            sync_embedding_replica(self.trunk.embedding if self.stage.first else None, self.head_embedding)
+        metrics = self._reduce_metrics(*stats) if self.stage.last else {}
         metrics.update({"policy/grad_norm": float(grad_norm or 0.0), "policy/update_ok": float(bool(ok)),
                         "policy/lr": self.trunk_opt.param_groups[0]["lr"]})
         if self.head is not None:
@@ -350,23 +383,36 @@ class MegatronPolicy:
     # ------------------------------------------------------------------ weights out
     def export_hf_weights(self, dtype: torch.dtype | None = None, *,
                           on_device: bool = False) -> dict[str, torch.Tensor] | None:
-        """Full HF-named tensors (draft head included when MTP is on) on TP rank 0 of DP rank 0; None elsewhere.
-        Collective over the TP group. Host copies by default; ``on_device=True`` returns the tensors
-        where they are (views of the parameters where the HF layout allows; for GPU weight sync)."""
-        from skyrl_mtp.megatron.export import export_hf_tensors
+        """Full HF-named tensors (draft head included when MTP is on) on the export holder (TP rank 0,
+        DP rank 0, first pipeline stage); None elsewhere. Collective over the TP group, then over
+        the holder's pipeline (every stage's tensors, renamed to global layer numbers, reach it).
+        Host copies by default; ``on_device=True`` returns the tensors where they are (views of
+        the parameters where the HF layout allows; for GPU weight sync)."""
+        from skyrl_mtp.megatron.export import gather_megatron_state
 
-        hf = export_hf_tensors(self.trunk, self.head, self.bridge, self.tp_group, dtype=dtype)
-        if self.tp_rank == 0 and self.dp_rank == 0:
-            return {k: v.detach() if on_device else v.detach().cpu() for k, v in hf.items()}
-        return None
+        state = global_names(gather_megatron_state(self.trunk, self.head, self.bridge, self.tp_group), self.stage)
+        if self.tp_rank != 0 or self.dp_rank != 0:
+            return None
+        state = gather_stages(state, dst_stage=0)
+        if not self.holds_export:
+            return None
+        hf = self.bridge.megatron_to_hf(state)
+        if dtype is not None:
+            hf = {k: v.to(dtype) for k, v in hf.items()}
+        return {k: v.detach() if on_device else v.detach().cpu() for k, v in hf.items()}
+
+    @property
+    def holds_export(self) -> bool:
+        """Whether export_hf_weights returns the weights on this rank."""
+        return self.tp_rank == 0 and self.dp_rank == 0 and self.stage.first
 
     def policy_state(self) -> dict[str, torch.Tensor]:
-        """This rank's policy parameters (for invariance checks)."""
-        return {k: v.detach().clone().cpu() for k, v in module_state(self.trunk).items()}
+        """This rank's policy parameters (for invariance checks), with global layer numbers."""
+        return {k: v.detach().clone().cpu() for k, v in global_names(module_state(self.trunk), self.stage).items()}
 
     # ------------------------------------------------------------------ checkpoints
     def shard_name(self) -> str:
-        return f"model_tp{self.tp_rank}.pt"
+        return f"model_tp{self.tp_rank}.pt" if self.pp_size == 1 else f"model_tp{self.tp_rank}_pp{self.pp_rank}.pt"
 
     def optimizer_shard_name(self) -> str:
         return self.shard_name().replace(".pt", f"_dp{self.dp_rank}_optim.pt")
@@ -387,7 +433,8 @@ class MegatronPolicy:
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
             "tp_size": self.cfg.megatron.tp_size,
-            "mtp": self.head is not None,
+            "pp_size": self.pp_size,
+            "mtp": self.mtp_on,
             "trunk": module_state(self.trunk),
             "trunk_opt": self.trunk_opt.state_dict(),
             "trunk_sched": self.trunk_sched.state_dict(),
@@ -405,9 +452,11 @@ class MegatronPolicy:
         if state["tp_size"] != self.cfg.megatron.tp_size:
             raise ValueError(f"{path}: saved with tp_size={state['tp_size']}, "
                              f"this run uses tp_size={self.cfg.megatron.tp_size}")
-        if state["mtp"] != (self.head is not None):
+        if state.get("pp_size", 1) != self.pp_size:
+            raise ValueError(f"{path}: saved with pp_size={state.get('pp_size', 1)}, this run uses pp_size={self.pp_size}")
+        if state["mtp"] != self.mtp_on:
             raise ValueError(f"{path}: saved with MTP {'on' if state['mtp'] else 'off'}, this run has MTP "
-                             f"{'on' if self.head is not None else 'off'}; keep trainer.mtp.enabled as it was")
+                             f"{'on' if self.mtp_on else 'off'}; keep trainer.mtp.enabled as it was")
         shard = {"trunk": None, "head": None}
         if _distributed_parts(self.trunk_opt):
             shard = _read_checkpoint_file(Path(directory) / self.optimizer_shard_name())
@@ -423,6 +472,8 @@ class MegatronPolicy:
             self.head_opt.load_state_dict(state["head_opt"])
             _load_optimizer_shard(self.head_opt, shard["head"], path)
             self.head_sched.load_state_dict(state["head_sched"])
+        if self.mtp_on:  # the last stage's replica of the embedding the first stage just loaded
+            sync_embedding_replica(self.trunk.embedding if self.stage.first else None, self.head_embedding)
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(_as_tuple(state["rng"]["python"]))
         self.step = state["step"]

@@ -117,7 +117,9 @@ def test_checkpoint_errors_name_the_file(megatron_single, tiny_ckpt, tmp_path):
     (dict(mtp=MtpConfig(enabled=True, num_speculative_tokens=0)), "num_speculative_tokens must be >= 1"),
     (dict(mtp=MtpConfig(enabled=True, loss_type="kl")), "loss_type='kl' is unknown"),
     (dict(megatron=MegatronConfig(cp_size=2)), "context parallel"),
-    (dict(megatron=MegatronConfig(pp_size=2)), "pipeline parallel"),
+    (dict(megatron=MegatronConfig(pp_size=3)), "2 decoder layers do not split evenly over 3 pipeline stages"),
+    (dict(megatron=MegatronConfig(pp_size=2), mtp=MtpConfig(enabled=True, detach_embedding=False)),
+     "detach_embedding=false with megatron.pp_size=2"),
 ])
 def test_bad_config_fails_before_building(tiny_ckpt, change, message):
     with pytest.raises(ValueError, match=message):
