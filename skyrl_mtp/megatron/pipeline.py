@@ -60,11 +60,18 @@ def stage_of(trunk: torch.nn.Module) -> StageLayout:
     return StageLayout(pp_rank=pp_rank, pp_size=pp_size, layer_offset=offset, num_layers=len(layers))
 
 
-def check_layer_split(num_layers: int, pp_size: int) -> None:
-    """Megatron splits the decoder evenly over stages; refuse what it would not split."""
-    if pp_size > 1 and num_layers % pp_size:
-        raise ValueError(f"megatron.pp_size={pp_size}: the model's {num_layers} decoder layers do not split evenly "
-                         f"over {pp_size} pipeline stages; use a pp_size that divides {num_layers}")
+def check_pipeline_layout(model_cfg, pp_size: int) -> None:
+    """What pipeline parallel supports: the mimo family (the stage cut in stage_state follows its
+    tensor names), with the decoder split evenly, as Megatron splits it."""
+    if pp_size == 1:
+        return
+    family = getattr(model_cfg, "family", "mimo")
+    if family != "mimo":
+        raise ValueError(f"megatron.pp_size={pp_size} with a {family} model: pipeline parallel is implemented for the "
+                         "mimo family only; use pp_size=1 (tensor and data parallel work)")
+    if model_cfg.num_layers % pp_size:
+        raise ValueError(f"megatron.pp_size={pp_size}: the model's {model_cfg.num_layers} decoder layers do not split "
+                         f"evenly over {pp_size} pipeline stages; use a pp_size that divides {model_cfg.num_layers}")
 
 
 def _is_stage_key(name: str, stage: StageLayout, tied: bool) -> bool:

@@ -25,7 +25,7 @@ from skyrl_mtp.megatron.bridge import (load_module_state, make_bridge, module_st
                                       split_trunk_and_mtp)
 from skyrl_mtp.megatron.model_builder import (BuildOptions, build_device, build_head_embedding, build_mtp_block,
                                               build_trunk, causal_mask)
-from skyrl_mtp.megatron.pipeline import (check_layer_split, current_stage, finalize_grads, gather_stages, global_names,
+from skyrl_mtp.megatron.pipeline import (check_pipeline_layout, current_stage, finalize_grads, gather_stages, global_names,
                                          join_optimizer_build, run_schedule, scope_grad_stats, stage_of, stage_state, sync_embedding_replica)
 from skyrl_mtp.models.checkpoint import check_hf_checkpoint
 from skyrl_mtp.models.families import config_from_pretrained
@@ -142,7 +142,7 @@ class MegatronPolicy:
         self.cfg = cfg
         self.model_cfg = config_from_pretrained(cfg.model_path)  # mimo or qwen3_5, from config.json
         cfg.validate(self.model_cfg.num_mtp_layers)  # before any process group or model exists
-        check_layer_split(self.model_cfg.num_layers, cfg.megatron.pp_size)
+        check_pipeline_layout(self.model_cfg, cfg.megatron.pp_size)
         self.mtp_on = cfg.mtp.enabled and trainable
         # The checkpoint's tensor names and shapes, from the safetensors headers (no tensor read yet).
         check_hf_checkpoint(self.model_cfg, cfg.model_path, require_mtp=self.mtp_on)
