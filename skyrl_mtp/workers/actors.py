@@ -133,6 +133,11 @@ class _PolicyActor:
         self._ensure_thread()
         return self.policy.load_checkpoint(directory)
 
+    def memory_stats(self, reset_peak: bool = False) -> dict[str, float]:
+        from skyrl_mtp.logging.memory import process_memory
+
+        return process_memory(reset_peak=reset_peak)
+
     def model_info(self) -> dict[str, Any]:
         cfg = self.policy.model_cfg
         return {"vocab_size": cfg.vocab_size, "num_mtp_layers": cfg.num_mtp_layers, "step": self.policy.step}
@@ -244,6 +249,10 @@ class WorkerGroup:
 
     def load_checkpoint(self, directory: str) -> dict:
         return ray.get([a.load_checkpoint.remote(directory) for a in self.actors])[0]
+
+    def memory_stats(self, reset_peak: bool = False) -> list[dict[str, float]]:
+        """Each rank's memory (skyrl_mtp.logging.memory); with reset_peak the CUDA peak restarts."""
+        return ray.get([a.memory_stats.remote(reset_peak) for a in self.actors])
 
     def model_info(self) -> dict[str, Any]:
         return ray.get(self.actors[0].model_info.remote())

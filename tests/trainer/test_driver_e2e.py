@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 SMALL = ["trainer.total_steps=2", "trainer.warm_start.steps=8", "trainer.train_batch_size=4",
          "trainer.n_samples_per_prompt=2", "trainer.ppo_mini_batch_size=2", "data.num_eval=4",
@@ -53,6 +54,9 @@ def test_rl_loop_with_mtp(tmp_path):
         # The weight-sync time splits into export, transfer and the engines' in-place reload.
         assert 0 < row["timing/weight_export_s"] < row["timing/weight_sync_s"]
         assert 0 < row["timing/weight_apply_s"] < row["timing/weight_sync_s"]
+        # memory per phase: host RSS of the policy ranks and of the engines (CUDA stats on GPUs)
+        for phase in ("generate", "train", "sync"):
+            assert row[f"memory/{phase}/policy_rss_gb"] > 0.1 and row[f"memory/{phase}/engine_rss_gb"] > 0.1
     assert "eval/reward_mean" in rows[-1] and "vllm/eval/num_drafts" in rows[-1]
     assert (tmp_path / "run" / "metrics.png").stat().st_size > 10_000
     assert "vllm/draft_acceptance_rate" in (tmp_path / "run" / "summary.md").read_text()
@@ -62,7 +66,9 @@ def test_rl_loop_with_mtp(tmp_path):
     from skyrl_mtp.models.checkpoint import load_hf_state_dict
 
     export = tmp_path / "run" / "hf_export"
-    assert "model.mtp_layers.0.input_proj.weight" in load_hf_state_dict(export)
+    exported = load_hf_state_dict(export)  # bf16 shards with an index
+    assert (export / "model.safetensors.index.json").is_file()
+    assert exported["model.mtp_layers.0.input_proj.weight"].dtype == torch.bfloat16
     AutoModelForCausalLM.from_pretrained(str(export))
     # ... and in vLLM, drafting with its trained head.
     gen = subprocess.run([sys.executable, "-m", "skyrl_mtp.tools.generate", "--model", str(export), "--k", "2",
