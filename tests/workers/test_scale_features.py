@@ -195,3 +195,25 @@ def test_worker_refuses_offload_without_cuda(tiny_ckpt):
         pytest.skip("the refusal is for CPU-only workers")
     with pytest.raises(ValueError, match="optimizer_cpu_offload=true needs a GPU"):
         _cfg(tiny_ckpt, use_distributed_optimizer=True, optimizer_cpu_offload=True).validate(1)
+
+
+# ---------------------------------------------------------------- decoupling with the features on
+@pytest.mark.parametrize("features", [dict(use_distributed_optimizer=True), dict(recompute="full"),
+                                      dict(recompute="selective")])
+def test_policy_update_is_bitwise_the_same_without_mtp(megatron_single, tiny_ckpt, features):
+    """With each feature on, the policy after 2 steps is bitwise the policy trained without the MTP
+    head (the head has its own optimizer, shards and clipping; recompute never lets it reach the trunk)."""
+    from dataclasses import replace
+
+    from skyrl_mtp.workers.policy import MegatronPolicy
+
+    weights = {}
+    for mtp in (True, False):
+        cfg = _cfg(tiny_ckpt, **features)
+        cfg = replace(cfg, mtp=replace(cfg.mtp, enabled=mtp))
+        policy = MegatronPolicy(cfg, init_distributed=False)
+        for s in range(2):
+            policy.train_step(_batch(s))
+        weights[mtp] = policy.policy_state()
+    assert set(weights[True]) == set(weights[False])
+    assert all(torch.equal(weights[True][k], weights[False][k]) for k in weights[True])
