@@ -214,7 +214,7 @@ class RLTrainer:
         self.train_data, self.eval_examples = self.build_datasets()
         mg = c.megatron
         worker_cfg = self.policy_worker_config(self.model_path)
-        _log(f"starting {mg.dp_size * mg.tp_size} policy worker(s) and {c.generator.num_engines} rollout engine(s)")
+        _log(f"starting {mg.dp_size * mg.tp_size * mg.pp_size} policy worker(s) and {c.generator.num_engines} rollout engine(s)")
         self.policy = WorkerGroup(worker_cfg, dp_size=mg.dp_size, num_cpus_per_worker=mg.num_cpus_per_worker,
                                   num_gpus_per_worker=mg.num_gpus_per_worker, num_threads=mg.threads_per_worker)
         if c.algorithm.use_kl_loss:
@@ -252,7 +252,7 @@ class RLTrainer:
     def compat(self) -> dict[str, Any]:
         c = self.cfg
         return {"model": c.model.path or c.model.preset, "mtp": c.trainer.mtp.enabled,
-                "tp_size": c.megatron.tp_size, "dp_size": c.megatron.dp_size}
+                "tp_size": c.megatron.tp_size, "pp_size": c.megatron.pp_size, "dp_size": c.megatron.dp_size}
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:

@@ -1,9 +1,11 @@
 """Ray actors around :class:`MegatronPolicy` (one actor per rank) and the group that drives them.
 
 ``PolicyWorker`` trains (policy + MTP head); ``RefWorker`` is the frozen reference policy that
-only computes log-probabilities. A :class:`WorkerGroup` starts ``dp * tp`` actors, wires up the
-rendezvous (rank 0's address, a free port), splits each batch over data-parallel ranks (all TP
-ranks of a DP rank get the same shard) and collects results from TP rank 0.
+only computes log-probabilities. A :class:`WorkerGroup` starts ``dp * tp * pp`` actors, wires up
+the rendezvous (rank 0's address, a free port), splits each batch over data-parallel ranks (all TP
+ranks and pipeline stages of a DP rank get the same shard) and collects log-probs and metrics from
+TP rank 0 of the last pipeline stage, where the loss is computed, and weights from the rank that
+holds the export (TP rank 0, DP rank 0, first stage).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ class _PolicyActor:
 
     def layout(self) -> dict[str, int]:
         p = self.policy
-        return {"dp_rank": p.dp_rank, "tp_rank": p.tp_rank, "dp_size": p.dp_size}
+        return {"dp_rank": p.dp_rank, "tp_rank": p.tp_rank, "dp_size": p.dp_size, "last_stage": p.stage.last,
+                "holds_export": p.holds_export}
 
     def compute_logprobs(self, batch):
         self._ensure_thread()
@@ -192,12 +195,13 @@ class WorkerGroup:
     def compute_logprobs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         n = batch["input_ids"].shape[0]
         results = self._call("compute_logprobs", batch)
-        by_dp = {lay["dp_rank"]: res for res, lay in zip(results, self.layouts) if lay["tp_rank"] == 0}
+        by_dp = {lay["dp_rank"]: res for res, lay in zip(results, self.layouts)
+                 if lay["tp_rank"] == 0 and lay["last_stage"]}
         return {k: torch.cat([by_dp[r][k] for r in range(self.dp_size)])[:n] for k in by_dp[0]}
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimizer step on `batch` (one PPO mini-batch), split over the DP ranks."""
-        return self._call("train_step", batch)[0]
+        return self._call("train_step", batch)[self._reporter]
 
     def export_hf_weights(self) -> dict[str, torch.Tensor]:
         return next(w for w in ray.get([a.export_hf_weights.remote() for a in self.actors]) if w is not None)
@@ -241,8 +245,15 @@ class WorkerGroup:
 
     @property
     def _holder(self) -> int:
-        """Index of the actor that holds the exported weights (TP rank 0 of DP rank 0)."""
-        return next(i for i, lay in enumerate(self.layouts) if lay["dp_rank"] == 0 and lay["tp_rank"] == 0)
+        """Index of the actor that holds the exported weights (TP rank 0 of DP rank 0, first stage)."""
+        return next(i for i, lay in enumerate(self.layouts) if lay["holds_export"])
+
+    @property
+    def _reporter(self) -> int:
+        """Index of the actor whose metrics cover the whole step (TP rank 0 of DP rank 0 of the last
+        stage: the loss and draft metrics, reduced over DP, and the global grad norms)."""
+        return next(i for i, lay in enumerate(self.layouts)
+                    if lay["dp_rank"] == 0 and lay["tp_rank"] == 0 and lay["last_stage"])
 
     def save_checkpoint(self, directory: str, extra: dict | None = None) -> None:
         ray.get([a.save_checkpoint.remote(directory, extra) for a in self.actors])
