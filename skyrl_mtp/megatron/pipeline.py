@@ -62,19 +62,23 @@ def stage_of(trunk: torch.nn.Module) -> StageLayout:
 
 def check_pipeline_layout(model_cfg, pp_size: int) -> None:
     """What pipeline parallel supports: the mimo family (the stage cut in stage_state follows its
-    tensor names), with the decoder split evenly, as Megatron splits it."""
+    tensor names), untied embeddings (every preset; a tied model's first/last-stage copy of the
+    embedding is not tested), the decoder split evenly, as Megatron splits it."""
     if pp_size == 1:
         return
     family = getattr(model_cfg, "family", "mimo")
     if family != "mimo":
         raise ValueError(f"megatron.pp_size={pp_size} with a {family} model: pipeline parallel is implemented for the "
                          "mimo family only; use pp_size=1 (tensor and data parallel work)")
+    if model_cfg.tie_word_embeddings:
+        raise ValueError(f"megatron.pp_size={pp_size} with tied word embeddings (tie_word_embeddings=true): not "
+                         "tested with pipeline stages; use pp_size=1 or an untied checkpoint")
     if model_cfg.num_layers % pp_size:
         raise ValueError(f"megatron.pp_size={pp_size}: the model's {model_cfg.num_layers} decoder layers do not split "
                          f"evenly over {pp_size} pipeline stages; use a pp_size that divides {model_cfg.num_layers}")
 
 
-def _is_stage_key(name: str, stage: StageLayout, tied: bool) -> bool:
+def _is_stage_key(name: str, stage: StageLayout) -> bool:
     match = _LAYER.match(name)
     if match:
         return stage.layer_offset <= int(match.group(1)) < stage.layer_offset + stage.num_layers
@@ -83,19 +87,16 @@ def _is_stage_key(name: str, stage: StageLayout, tied: bool) -> bool:
     if name.startswith("decoder.final_layernorm."):
         return stage.last
     if name == "output_layer.weight":
-        return stage.last and not (tied and stage.first)
+        return stage.last
     return False
 
 
-def stage_state(full: dict[str, torch.Tensor], stage: StageLayout, *, tied: bool) -> dict[str, torch.Tensor]:
+def stage_state(full: dict[str, torch.Tensor], stage: StageLayout) -> dict[str, torch.Tensor]:
     """This stage's trunk tensors in its modules' own (local) names, from a full trunk state dict
-    with global layer numbers. With tied embeddings and pp_size > 1 the last stage's output layer
-    is Megatron's copy of the word embedding (kept equal by its gradient all-reduce)."""
-    if tied and stage.last and not stage.first:
-        full = {**full, "output_layer.weight": full["embedding.word_embeddings.weight"]}
+    with global layer numbers."""
     out = {}
     for name, tensor in full.items():
-        if not _is_stage_key(name, stage, tied):
+        if not _is_stage_key(name, stage):
             continue
         match = _LAYER.match(name)
         if match:
@@ -169,8 +170,9 @@ def run_schedule(model: torch.nn.Module, microbatches: list[dict[str, torch.Tens
 
 
 def finalize_grads(ddp_model: torch.nn.Module) -> None:
-    """After a schedule: gradient reduction over data-parallel ranks and, with tied embeddings
-    over several stages, the all-reduce that keeps the two copies of the word embedding equal."""
+    """After a schedule: Megatron's gradient finalisation (reduction over data-parallel ranks; the
+    all-reduces it adds for layouts this project refuses, e.g. tied embeddings over stages, find
+    nothing to do)."""
     from megatron.core.distributed import finalize_model_grads
 
     finalize_model_grads([ddp_model], num_tokens=None)

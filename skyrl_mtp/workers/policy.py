@@ -176,7 +176,7 @@ class MegatronPolicy:
         self.trunk = build_trunk(self.model_cfg, opts, pre_process=self.pp_rank == 0,
                                  post_process=self.pp_rank == self.pp_size - 1)
         self.stage = stage_of(self.trunk)
-        load_module_state(self.trunk, stage_state(trunk_state, self.stage, tied=self.model_cfg.tie_word_embeddings),
+        load_module_state(self.trunk, stage_state(trunk_state, self.stage),
                           what=f"policy trunk ({cfg.model_path}, pipeline stage {self.pp_rank})")
         self.head = self.head_embedding = None
         if self.mtp_on and self.stage.last:
