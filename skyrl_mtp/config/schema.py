@@ -142,6 +142,9 @@ class MtpConfig:
     topk: int = 32  # loss_type=topk_soft_ce: the teacher's top-k tokens
     detach_shared_output: bool = True  # the draft loss does not train the (policy's) output layer
     detach_embedding: bool = True  # ... nor the shared embedding
+    # On CUDA with Triton: the head's vocabulary projection and the draft loss fused over vocabulary
+    # tiles (skyrl_mtp/mtp/fused_loss.py); false: the eager chunked path (the CPU path everywhere)
+    fused_loss: bool = True
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3))
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from skyrl_mtp.config.schema import AlgorithmConfig
-from skyrl_mtp.mtp.losses import draft_loss, shift_mask
+from skyrl_mtp.mtp.losses import draft_loss, draft_loss_from_hidden, shift_mask
 from skyrl_mtp.mtp.replay import MtpCapture, mtp_logits, replay_mtp
 from skyrl_mtp.rl.kl import kl_penalty
 from skyrl_mtp.rl.policy_loss import aggregate_loss, compute_policy_loss
@@ -56,6 +56,10 @@ class DraftObjective:
     detach_shared_output: bool = True
     detach_embedding: bool = True
     zero_first_embedding: bool = True  # vLLM's MiMo drafter zeroes position 0's token embedding
+    # Projection + loss fused (skyrl_mtp/mtp/fused_loss.py: the student logits never reach HBM for
+    # all rows). None: on CUDA when Triton is there; True forces it (also Triton's interpreter).
+    # Needs the output layer detached (the fused path gives no gradient to the weight).
+    fused: bool | None = None
 
 
 @dataclass
@@ -126,6 +130,20 @@ def rl_output_processor(*, hidden_states, output_layer, output_weight, input_ids
             "maxima": maxima}
 
 
+def _use_fused(draft: DraftObjective, device: torch.device) -> bool:
+    """Whether this objective's draft loss takes the fused projection + loss path."""
+    if draft.fused is False or not draft.detach_shared_output:
+        return False
+    from skyrl_mtp.mtp.fused_loss import fused_available
+
+    if draft.fused:
+        if not fused_available(device):
+            raise RuntimeError(f"the fused draft loss was asked for on {device}, which needs CUDA with Triton "
+                               "(or TRITON_INTERPRET=1); set trainer.mtp.fused_loss=false")
+        return True
+    return device.type == "cuda" and fused_available(device)
+
+
 def _draft_losses(ctx: ObjectiveContext, policy_logits, hidden_states, output_layer, output_weight,
                   input_ids, position_ids, attention_mask, packed_seq_params):
     """Sum over depths of loss_weight * (this micro-batch's share of) the draft loss; per-depth
@@ -160,10 +178,17 @@ def _draft_losses(ctx: ObjectiveContext, policy_logits, hidden_states, output_la
             teacher = teacher[rows, cols].unsqueeze(0)  # [1, n, V_local]: a copy
             labels = labels[rows, cols].unsqueeze(0) if labels is not None else None
             mask = mask.new_ones(1, rows.numel())
-        student = mtp_logits(output_layer, hidden, output_weight, detach_output=d.detach_shared_output)
-        mean = draft_loss(student, teacher, mask, loss_type=d.loss_type, labels=labels, topk=d.topk,
-                          temperature=ctx.temperature, vocab_size=ctx.vocab_size, tp_group=ctx.tp_group,
-                          chunk_size=d.chunk_size)
+        if _use_fused(d, hidden.device):
+            weight_local = output_weight if output_weight is not None else output_layer.weight
+            mean = draft_loss_from_hidden(hidden.transpose(0, 1), weight_local.detach(), teacher, mask,
+                                          loss_type=d.loss_type, labels=labels, topk=d.topk,
+                                          temperature=ctx.temperature, vocab_size=ctx.vocab_size,
+                                          tp_group=ctx.tp_group, fused=True)  # rows per chunk: its default
+        else:
+            student = mtp_logits(output_layer, hidden, output_weight, detach_output=d.detach_shared_output)
+            mean = draft_loss(student, teacher, mask, loss_type=d.loss_type, labels=labels, topk=d.topk,
+                              temperature=ctx.temperature, vocab_size=ctx.vocab_size, tp_group=ctx.tp_group,
+                              chunk_size=d.chunk_size)
         share = mean * weight / ctx.draft_normalizers[depth - 1]
         total = total + d.loss_weight * share
         terms.append(((mean * weight).detach(), float(weight)))

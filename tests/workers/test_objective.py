@@ -34,3 +34,31 @@ def test_gathered_positions_equal_the_full_projection(megatron_single, tiny_ckpt
     for name in grads_f:
         assert grads_f[name].abs().sum() > 0, name
         torch.testing.assert_close(grads_g[name], grads_f[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("loss_type", ["soft_ce", "tv"])
+def test_fused_draft_loss_in_the_objective_equals_the_eager_one(megatron_single, tiny_ckpt, monkeypatch, loss_type):
+    """The policy's draft term through the fused projection + loss (forced; on CPU only under
+    Triton's interpreter) gives the eager path's per-depth losses and head gradients."""
+    from skyrl_mtp.mtp.fused_loss import fused_available
+
+    if not fused_available(torch.device("cpu")):
+        pytest.skip("needs Triton's interpreter on CPU (TRITON_INTERPRET=1 with triton importable) or CUDA")
+    cfg = PolicyWorkerConfig(model_path=str(tiny_ckpt), megatron=MegatronConfig(micro_batch_size=3),
+                             optim=OptimConfig(lr=1e-3), algorithm=AlgorithmConfig(), temperature=0.9,
+                             mtp=MtpConfig(enabled=True, num_speculative_tokens=2, loss_type=loss_type))
+    batch = synthetic_batch(0, 300, 6, 24, 10)
+    results = {}
+    for name, fused in (("eager", False), ("fused", True)):
+        policy = MegatronPolicy(cfg)
+        monkeypatch.setattr(objective, "_use_fused", lambda draft, device, fused=fused: fused)
+        batch["old_logprobs"] = policy.compute_logprobs(batch)["logprobs"]
+        _, draft_sums = policy.accumulate_gradients(batch)
+        results[name] = (draft_sums, {n: p.main_grad.clone() for n, p in policy.head.named_parameters()})
+    (draft_e, grads_e), (draft_f, grads_f) = results["eager"], results["fused"]
+    for (sum_e, weight_e), (sum_f, weight_f) in zip(draft_e, draft_f):
+        assert weight_e == weight_f > 0
+        assert sum_f == pytest.approx(sum_e, rel=1e-5)
+    for name in grads_e:
+        assert grads_e[name].abs().sum() > 0, name
+        torch.testing.assert_close(grads_f[name], grads_e[name], rtol=1e-4, atol=1e-6, msg=name)
