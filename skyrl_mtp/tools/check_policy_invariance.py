@@ -55,7 +55,8 @@ def run(args, rank: int = 0, world_size: int = 1, master_port: int | None = None
         model_path=model, temperature=1.0,
         megatron=MegatronConfig(tp_size=args.tp, pp_size=args.pp, micro_batch_size=args.micro_batch_size,
                                 params_dtype=args.dtype,
-                                mtp_loss_chunk_size=args.chunk_size),
+                                mtp_loss_chunk_size=args.chunk_size,
+                                use_distributed_optimizer=args.distributed_optimizer, recompute=args.recompute),
         algorithm=AlgorithmConfig(clip_eps_low=0.2, clip_eps_high=0.28),
         optim=OptimConfig(lr=args.lr, clip_grad=1.0), mtp=MtpConfig(enabled=False))
     mtp_cfg = MtpConfig(enabled=True, num_speculative_tokens=args.num_depths, loss_type=args.loss_type,
@@ -175,6 +176,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (one process per rank)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline stages (one process per rank)")
+    parser.add_argument("--distributed-optimizer", action="store_true",
+                        help="Megatron's distributed optimizer for policy and head (megatron.use_distributed_optimizer)")
+    parser.add_argument("--recompute", default="none", choices=["none", "selective", "full"],
+                        help="activation recompute (megatron.recompute)")
     parser.add_argument("--attach-output-layer", action="store_true",
                         help="let the draft loss train the shared output layer (must then report identical=false)")
     args = parser.parse_args(argv)

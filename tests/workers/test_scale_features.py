@@ -217,3 +217,16 @@ def test_policy_update_is_bitwise_the_same_without_mtp(megatron_single, tiny_ckp
         weights[mtp] = policy.policy_state()
     assert set(weights[True]) == set(weights[False])
     assert all(torch.equal(weights[True][k], weights[False][k]) for k in weights[True])
+
+
+def test_invariance_tool_with_distributed_optimizer_and_full_recompute(tiny_ckpt):
+    """check_policy_invariance with the features on: bitwise identical over PPO mini-batches, and
+    its negative control (the draft loss attached to the shared output layer) is still caught."""
+    from skyrl_mtp.tools.check_policy_invariance import main as invariance
+
+    argv = ["--steps", "2", "--mini-batches", "2", "--model", str(tiny_ckpt), "--distributed-optimizer",
+            "--recompute", "full"]
+    report = invariance(argv)
+    assert report["identical"] is True and report["max_abs_diff"] == 0.0
+    leak = invariance(argv + ["--attach-output-layer"])
+    assert leak["identical"] is False and leak["max_abs_diff"] > 0
