@@ -323,6 +323,9 @@ def _check_model_family(cfg: Config, bad) -> None:
     if m.tp_size != 1:
         bad("megatron.tp_size", m.tp_size, "the qwen3_5 family runs with tensor parallel 1 (its Gated DeltaNet "
             "layers are not sharded yet): set megatron.tp_size=1 and scale with megatron.dp_size")
+    if m.recompute != "none":
+        bad("megatron.recompute", m.recompute, "the qwen3_5 family's layer config does not take Megatron's recompute "
+            "settings yet: set megatron.recompute=none")
     if g.enable_prefix_caching:
         bad("generator.enable_prefix_caching", True, "vLLM cannot prefix-cache the qwen3_5 hybrid's recurrent "
             "state on CPU, and with MTP drafting it is not verified lossless on GPUs: set it false")

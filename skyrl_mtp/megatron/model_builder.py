@@ -176,6 +176,7 @@ def build_trunk(cfg: MimoConfig, opts: BuildOptions = BuildOptions(), *, pre_pro
     if getattr(cfg, "family", "mimo") == "qwen3_5":  # the hybrid has its own layer spec
         from skyrl_mtp.megatron import qwen3_5
 
+        _refuse_recompute(opts)
         return qwen3_5.build_trunk(cfg, opts, pre_process=pre_process, post_process=post_process)
     from skyrl_mtp.megatron.compat import check_supported
     from skyrl_mtp.megatron.output_processor import gpt_model_class
@@ -195,6 +196,7 @@ def build_mtp_block(cfg: MimoConfig, opts: BuildOptions = BuildOptions()):
     if getattr(cfg, "family", "mimo") == "qwen3_5":
         from skyrl_mtp.megatron import qwen3_5
 
+        _refuse_recompute(opts)
         return qwen3_5.build_mtp_block(cfg, opts)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
     from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionBlock
@@ -240,6 +242,11 @@ def build_native_gpt_with_mtp(cfg: MimoConfig, opts: BuildOptions = BuildOptions
     mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=use_te)
     return _on_build_device(GPTModel(config=config, transformer_layer_spec=spec, mtp_block_spec=mtp_spec,
                                      **_gpt_kwargs(cfg, opts)), opts.params_dtype)
+
+
+def _refuse_recompute(opts: BuildOptions) -> None:
+    if opts.recompute != "none":  # its own TransformerConfig does not take RECOMPUTE's fields yet
+        raise ValueError(f"megatron.recompute={opts.recompute!r} is not wired into the qwen3_5 family: use none")
 
 
 def causal_mask(seq_len: int, device=None) -> torch.Tensor:

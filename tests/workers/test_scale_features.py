@@ -230,3 +230,17 @@ def test_invariance_tool_with_distributed_optimizer_and_full_recompute(tiny_ckpt
     assert report["identical"] is True and report["max_abs_diff"] == 0.0
     leak = invariance(argv + ["--attach-output-layer"])
     assert leak["identical"] is False and leak["max_abs_diff"] > 0
+
+
+def test_recompute_is_refused_for_the_qwen3_5_family():
+    """Its layers are built from its own TransformerConfig, which does not take the recompute fields:
+    refused rather than silently ignored."""
+    from skyrl_mtp.config.schema import Config, validate_config
+
+    cfg = Config()
+    cfg.model.preset = "qwen3_5_tiny"
+    cfg.generator.dtype = "bfloat16"
+    cfg.generator.enable_prefix_caching = False
+    cfg.megatron.recompute = "full"
+    with pytest.raises(ConfigError, match=r"megatron\.recompute='full': the qwen3_5 family"):
+        validate_config(cfg)
