@@ -11,7 +11,10 @@ Owns everything the policy worker needs to run with ``megatron.pp_size`` >= 1:
 - :func:`sync_embedding_replica`: the MTP head lives on the last stage (Megatron's placement)
   but re-embeds the shifted tokens with the trunk's word embedding, which lives on the first:
   the last stage keeps a frozen replica, refreshed from the first stage after every policy step;
-- :func:`gather_stages`: every stage's tensors to one rank (HF export, weight sync).
+- :func:`gather_stages`: every stage's tensors to one rank (HF export, weight sync);
+- :func:`scope_grad_stats` / :func:`join_optimizer_build`: an optimizer for a module on one stage
+  only (the head's), whose statistics and construction must not involve the other stages' ranks;
+- :func:`check_pipeline_layout`: the layouts this is implemented and tested for.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ def current_stage() -> tuple[int, int]:
 def stage_of(trunk: torch.nn.Module) -> StageLayout:
     """The layout of a built trunk: Megatron numbers its layers globally (``layer_number``, from 1)."""
     pp_rank, pp_size = current_stage()
+    if pp_size == 1:  # the whole trunk (any family's module layout)
+        return StageLayout()
     layers = trunk.decoder.layers
     offset = layers[0].layer_number - 1 if len(layers) else 0
     return StageLayout(pp_rank=pp_rank, pp_size=pp_size, layer_offset=offset, num_layers=len(layers))
@@ -93,7 +98,9 @@ def _is_stage_key(name: str, stage: StageLayout) -> bool:
 
 def stage_state(full: dict[str, torch.Tensor], stage: StageLayout) -> dict[str, torch.Tensor]:
     """This stage's trunk tensors in its modules' own (local) names, from a full trunk state dict
-    with global layer numbers."""
+    with global layer numbers (at pp_size 1: all of it)."""
+    if stage.pp_size == 1:
+        return dict(full)
     out = {}
     for name, tensor in full.items():
         if not _is_stage_key(name, stage):
@@ -107,6 +114,8 @@ def stage_state(full: dict[str, torch.Tensor], stage: StageLayout) -> dict[str, 
 
 def global_names(local: dict[str, Any], stage: StageLayout) -> dict[str, Any]:
     """The inverse renaming: this stage's layer indices -> global ones (other names unchanged)."""
+    if stage.pp_size == 1:
+        return dict(local)
     out = {}
     for name, value in local.items():
         match = _LAYER.match(name)
