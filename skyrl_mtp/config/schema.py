@@ -145,6 +145,10 @@ class MtpConfig:
     # On CUDA with Triton: the head's vocabulary projection and the draft loss fused over vocabulary
     # tiles (skyrl_mtp/mtp/fused_loss.py); false: the eager chunked path (the CPU path everywhere)
     fused_loss: bool = True
+    # uniform | acceptance: with acceptance, depth d >= 2 weighs each position by the (detached)
+    # probability that the drafts before it are accepted, prod_j (1 - TV_j), so the depths are
+    # trained for the expected accepted length (workers/objective.py; eager draft-loss path)
+    depth_weighting: str = "uniform"
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3))
 
 
@@ -437,6 +441,8 @@ def validate_config(cfg: Config) -> Config:
             "or null for one step on the whole batch")
     if t.ppo_epochs < 1:
         bad("trainer.ppo_epochs", t.ppo_epochs, "must be >= 1")
+    if t.mtp.depth_weighting not in ("uniform", "acceptance"):
+        bad("trainer.mtp.depth_weighting", t.mtp.depth_weighting, "use one of ['uniform', 'acceptance']")
     if g.draft_control not in ("fixed", "auto"):
         bad("generator.draft_control", g.draft_control, "use one of ['fixed', 'auto']")
     elif g.draft_control == "auto":

@@ -123,6 +123,30 @@ def draft_loss(
     return (per_position * weights).sum() / weights.sum()
 
 
+def acceptance_probability(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    tp_group: dist.ProcessGroup | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """``[B, S]`` probability that a draft sampled from the student is accepted by rejection
+    sampling against the teacher (probabilistic drafting): ``1 - TV(p, q)`` per position, both
+    distributions at `temperature`, over the whole (vocab-parallel) vocabulary. No gradient.
+    Arguments as in :func:`draft_loss` (every position is computed; no mask)."""
+    mask = torch.ones(student_logits.shape[:2], dtype=torch.bool, device=student_logits.device)
+    shard = _validate(student_logits, teacher_logits, mask, "tv", None, None, temperature, vocab_size,
+                      tp_group, chunk_size)
+    plan = _Plan(loss_type="tv", temperature=float(temperature), topk=None, shard=shard,
+                 chunks=_chunks(student_logits.shape[1], chunk_size),
+                 compute_dtype=torch.promote_types(student_logits.dtype, torch.float32))
+    with torch.no_grad():
+        tv, _ = _FORWARDS["tv"](student_logits.detach(), teacher_logits.detach(), None, plan)
+    return 1.0 - tv
+
+
 def draft_loss_from_hidden(
     hidden: Tensor,
     weight: Tensor,

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from skyrl_mtp.config.schema import AlgorithmConfig
-from skyrl_mtp.mtp.losses import draft_loss, draft_loss_from_hidden, shift_mask
+from skyrl_mtp.mtp.losses import acceptance_probability, draft_loss, draft_loss_from_hidden, shift_mask
 from skyrl_mtp.mtp.replay import MtpCapture, mtp_logits, replay_mtp
 from skyrl_mtp.rl.kl import kl_penalty
 from skyrl_mtp.rl.policy_loss import aggregate_loss, compute_policy_loss
@@ -60,6 +60,11 @@ class DraftObjective:
     # all rows). None: on CUDA when Triton is there; True forces it (also Triton's interpreter).
     # Needs the output layer detached (the fused path gives no gradient to the weight).
     fused: bool | None = None
+    # uniform: every depth's loss is a plain mean over its positions. acceptance: depth d >= 2
+    # weighs position t by the probability that the drafts of depths 1..d-1 from t are accepted,
+    # prod_j (1 - TV_j(t)) (detached), since only then is depth d's draft verified: the depth
+    # terms then follow the expected number of accepted tokens. Eager path only.
+    depth_weighting: str = "uniform"
 
 
 @dataclass
@@ -132,7 +137,7 @@ def rl_output_processor(*, hidden_states, output_layer, output_weight, input_ids
 
 def _use_fused(draft: DraftObjective, device: torch.device) -> bool:
     """Whether this objective's draft loss takes the fused projection + loss path."""
-    if draft.fused is False or not draft.detach_shared_output:
+    if draft.fused is False or not draft.detach_shared_output or draft.depth_weighting != "uniform":
         return False
     from skyrl_mtp.mtp.fused_loss import fused_available
 
@@ -158,6 +163,9 @@ def _draft_losses(ctx: ObjectiveContext, policy_logits, hidden_states, output_la
     seq = teacher_all.shape[1]
     total = hidden_states.new_zeros(())
     terms = []
+    weighted = d.depth_weighting == "acceptance" and len(hidden_per_depth) > 1
+    # [b, seq]: probability that every draft before the current depth from position t is accepted
+    reach = torch.ones(teacher_all.shape[:2], dtype=torch.float32, device=teacher_all.device) if weighted else None
     for depth, hidden in enumerate(hidden_per_depth, start=1):
         # Head depth k at t predicts token t+k+1; the policy predicts it at t+k: that is the teacher.
         mask = shift_mask(ctx.loss_mask, depth)[:, : seq - depth]
@@ -178,6 +186,8 @@ def _draft_losses(ctx: ObjectiveContext, policy_logits, hidden_states, output_la
             teacher = teacher[rows, cols].unsqueeze(0)  # [1, n, V_local]: a copy
             labels = labels[rows, cols].unsqueeze(0) if labels is not None else None
             mask = mask.new_ones(1, rows.numel())
+        else:
+            rows, cols = None, None
         if _use_fused(d, hidden.device):
             weight_local = output_weight if output_weight is not None else output_layer.weight
             mean = draft_loss_from_hidden(hidden.transpose(0, 1), weight_local.detach(), teacher, mask,
@@ -186,9 +196,25 @@ def _draft_losses(ctx: ObjectiveContext, policy_logits, hidden_states, output_la
                                           tp_group=ctx.tp_group, fused=True)  # rows per chunk: its default
         else:
             student = mtp_logits(output_layer, hidden, output_weight, detach_output=d.detach_shared_output)
+            if weighted and depth > 1:  # positions weighted by the chance that depth `depth` is verified
+                reached = reach[:, : seq - depth]
+                reached = reached[rows, cols].unsqueeze(0) if rows is not None else reached
+                mask = mask * reached.to(mask.dtype if mask.is_floating_point() else torch.float32)
+                weight = mask.sum()
+                if weight.item() <= 0:  # no draft of this depth can be verified (same on every TP rank)
+                    terms.append((hidden.new_zeros(()), 0.0))
+                    continue
             mean = draft_loss(student, teacher, mask, loss_type=d.loss_type, labels=labels, topk=d.topk,
                               temperature=ctx.temperature, vocab_size=ctx.vocab_size, tp_group=ctx.tp_group,
                               chunk_size=d.chunk_size)
+            if weighted and depth < len(hidden_per_depth):
+                accept = acceptance_probability(student, teacher, temperature=ctx.temperature,
+                                                vocab_size=ctx.vocab_size, tp_group=ctx.tp_group,
+                                                chunk_size=d.chunk_size)  # [B', S'] as the student
+                if rows is not None:
+                    reach[rows, cols] *= accept[0]
+                else:
+                    reach[:, : seq - depth] *= accept
         share = mean * weight / ctx.draft_normalizers[depth - 1]
         total = total + d.loss_weight * share
         terms.append(((mean * weight).detach(), float(weight)))

@@ -290,7 +290,7 @@ class MegatronPolicy:
                                    chunk_size=self.cfg.megatron.mtp_loss_chunk_size,
                                    detach_shared_output=m.detach_shared_output, detach_embedding=m.detach_embedding,
                                    zero_first_embedding=getattr(self.model_cfg, "drafter_zeroes_first_embedding", True),
-                                   fused=None if m.fused_loss else False)
+                                   fused=None if m.fused_loss else False, depth_weighting=m.depth_weighting)
             draft_norms = [max(self._dp_sum(shift_mask(mask, k).sum().item()) / self.dp_size, 1e-12)
                            for k in range(1, m.num_speculative_tokens + 1)]
             self.head.train()

@@ -533,3 +533,22 @@ def test_shift_mask_unpacked_matches_loop(shift: int) -> None:
 def test_shift_mask_bad_input(mask: torch.Tensor, shift, cu_seqlens, argument: str) -> None:
     with pytest.raises(ValueError, match=argument):
         shift_mask(mask, shift, cu_seqlens)
+
+
+def test_acceptance_probability_is_one_minus_tv_in_float64():
+    """1 - TV(softmax(teacher / T), softmax(student / T)) per position, padded columns excluded."""
+    from skyrl_mtp.mtp.losses import acceptance_probability
+
+    generator = torch.Generator().manual_seed(5)
+    vocab, padded = 37, 40
+    student = torch.randn(3, 7, padded, generator=generator)
+    teacher = torch.randn(3, 7, padded, generator=generator) * 2
+    student[..., vocab:] = 50.0  # padding: must not count
+    teacher[..., vocab:] = -50.0
+    got = acceptance_probability(student, teacher, temperature=0.7, vocab_size=vocab, chunk_size=3)
+    p = torch.softmax(teacher[..., :vocab].double() / 0.7, -1)
+    q = torch.softmax(student[..., :vocab].double() / 0.7, -1)
+    expected = 1.0 - 0.5 * (p - q).abs().sum(-1)
+    assert got.shape == (3, 7) and not got.requires_grad
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-6)
+    assert acceptance_probability(teacher, teacher, vocab_size=vocab).sub(1).abs().max() < 1e-6

@@ -62,3 +62,45 @@ def test_fused_draft_loss_in_the_objective_equals_the_eager_one(megatron_single,
     for name in grads_e:
         assert grads_e[name].abs().sum() > 0, name
         torch.testing.assert_close(grads_f[name], grads_e[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_acceptance_weighted_depths_follow_a_float64_reference(megatron_single, tiny_ckpt, monkeypatch):
+    """trainer.mtp.depth_weighting=acceptance: depth 1 is the uniform mean; depth 2 weighs each
+    position t by 1 - TV(p_1(t), q_1(t)) of depth 1 (p: policy, q: head, both at T), recomputed
+    here in float64 from the logits the uniform run hands to the loss."""
+    monkeypatch.setattr(objective, "GATHER_MAX_FRACTION", 0.0)  # full [b, s] path: positions line up
+    temperature = 0.9
+    batch = synthetic_batch(0, 300, 6, 24, 10)
+    recorded = []
+    real_draft_loss = objective.draft_loss
+
+    def spy(student, teacher, mask, **kwargs):
+        recorded.append((student.detach().double(), teacher.double(), mask.double()))
+        return real_draft_loss(student, teacher, mask, **kwargs)
+
+    results = {}
+    for weighting in ("uniform", "acceptance"):
+        cfg = PolicyWorkerConfig(model_path=str(tiny_ckpt), megatron=MegatronConfig(micro_batch_size=6),
+                                 optim=OptimConfig(lr=1e-3), algorithm=AlgorithmConfig(), temperature=temperature,
+                                 mtp=MtpConfig(enabled=True, num_speculative_tokens=2, loss_type="tv",
+                                               depth_weighting=weighting))
+        policy = MegatronPolicy(cfg)
+        batch["old_logprobs"] = policy.compute_logprobs(batch)["logprobs"]
+        if weighting == "uniform":
+            monkeypatch.setattr(objective, "draft_loss", spy)
+        _, draft_sums = policy.accumulate_gradients(batch)
+        monkeypatch.setattr(objective, "draft_loss", real_draft_loss)
+        results[weighting] = (draft_sums, {n: p.main_grad.clone() for n, p in policy.head.named_parameters()})
+    (student1, teacher1, mask1), (student2, teacher2, mask2) = recorded  # one micro-batch, two depths
+    tv = lambda s, t: 0.5 * (torch.softmax(t / temperature, -1) - torch.softmax(s / temperature, -1)).abs().sum(-1)  # noqa: E731
+    accept1 = 1.0 - tv(student1, teacher1)  # [b, seq - 1]
+    weights2 = mask2 * accept1[:, : mask2.shape[1]]
+    expected_sum2 = (weights2 * tv(student2, teacher2)).sum()
+    (uni1, uni2), (acc1, acc2) = results["uniform"][0], results["acceptance"][0]
+    assert acc1 == uni1  # depth 1 untouched
+    assert acc2[1] == pytest.approx(weights2.sum().item(), rel=1e-5)
+    assert acc2[0] == pytest.approx(expected_sum2.item(), rel=1e-5)
+    assert uni2[0] == pytest.approx((mask2 * tv(student2, teacher2)).sum().item(), rel=1e-5)
+    assert 0 < weights2.sum() < mask2.sum()  # the weighting does something
+    grads_u, grads_a = results["uniform"][1], results["acceptance"][1]
+    assert any(not torch.equal(grads_u[n], grads_a[n]) for n in grads_u)
