@@ -9,12 +9,19 @@ the head, drafting is lossless for greedy decoding, and the refused engine setti
   greedy loop, on prompts that share prefixes (prefix caching off: on is refused, see below).
 - RolloutConfig refuses prefix caching and a non-bfloat16 dtype for a hybrid on CPU, naming the fix.
 
-Real vLLM engines (in-process, VLLM_ENABLE_V1_MULTIPROCESSING=0), real Megatron, no mocks.
+Real vLLM engines (each in a fresh Python process, in-process engine core there), real Megatron, no
+mocks. Why a fresh process: vLLM 0.32's CPU worker rebinds its Triton kernel overrides by scanning
+every loaded module (``vllm.triton_utils.dispatcher._rebind_kernels``) and crashes on llvmlite's
+ctypes wrappers, which numba (imported by bm25s in the search tests of the same pytest process)
+leaves in ``sys.modules``. The project's own engines run in Ray actor processes, which do not
+import them.
 """
 
 from __future__ import annotations
 
-import os
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -89,32 +96,42 @@ def train_head_in_megatron(hf: dict[str, torch.Tensor], steps: int = 40) -> dict
     return bridge.megatron_to_hf(full)
 
 
-def _llm(path, k: int | None):
-    from vllm import LLM
+# Runs one vLLM engine on a checkpoint and prints, as JSON, the greedy tokens of PROMPTS and the
+# engine's spec-decode counters. argv: checkpoint, k (0: no drafting), max_tokens, prompts (JSON).
+_ENGINE_SCRIPT = """
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from vllm import LLM, SamplingParams
+path, k, max_tokens, prompts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
+llm = LLM(model=path, dtype="bfloat16", enforce_eager=True, enable_prefix_caching=False,
+          kv_cache_memory_bytes=64 << 20, max_model_len=128, max_num_seqs=8, seed=0,
+          speculative_config=spec, disable_log_stats=False)
+# Greedy: a draft is accepted iff it is the target's argmax. (Raw vLLM at temperature > 0 on CPU
+# samples from garbage temperatures without skyrl_mtp.inference.vllm_fixes; the engines apply it.)
+out = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                   SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+metrics = {x.name: x.value for x in llm.get_metrics() if hasattr(x, "value")}
+print(json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in out],
+                  "accepted": metrics.get("vllm:spec_decode_num_accepted_tokens", 0),
+                  "drafted": metrics.get("vllm:spec_decode_num_draft_tokens", 0)}))
+"""
 
-    spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
-    return LLM(model=str(path), dtype="bfloat16", enforce_eager=True, enable_prefix_caching=False,
-               kv_cache_memory_bytes=64 << 20, max_model_len=128, max_num_seqs=8, seed=0,
-               speculative_config=spec, disable_log_stats=False)
+
+def _run_engine(path, k: int | None, max_tokens: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _ENGINE_SCRIPT, str(path), str(k or 0), str(max_tokens),
+                           json.dumps(PROMPTS)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _acceptance(llm) -> float:
-    from vllm import SamplingParams
-
-    # Greedy: a draft is accepted iff it is the target's argmax. (Raw vLLM at temperature > 0 on CPU
-    # samples from garbage temperatures without skyrl_mtp.inference.vllm_fixes; the engines apply it.)
-    llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0.0, max_tokens=16),
-                 use_tqdm=False)
-    m = {x.name: x.value for x in llm.get_metrics() if hasattr(x, "value")}
-    return m["vllm:spec_decode_num_accepted_tokens"] / m["vllm:spec_decode_num_draft_tokens"]
+def _acceptance(path) -> float:
+    result = _run_engine(path, k=2, max_tokens=16)
+    return result["accepted"] / result["drafted"]
 
 
-def _greedy(llm, n: int = 12) -> list[list[int]]:
-    from vllm import SamplingParams
-
-    out = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0.0, max_tokens=n,
-                                                                                  ignore_eos=True), use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in out]
+def _greedy(path, k: int | None, n: int = 12) -> list[list[int]]:
+    return _run_engine(path, k, max_tokens=n)["tokens"]
 
 
 def _hf_greedy(path, n: int = 12) -> list[list[int]]:
@@ -151,17 +168,15 @@ def checkpoints(megatron_single, tmp_path_factory):
 
 
 def test_trained_head_drafts_and_a_random_head_does_not(checkpoints):
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    good = _acceptance(_llm(checkpoints["good"], k=2))
-    bad = _acceptance(_llm(checkpoints["bad"], k=2))
+    good = _acceptance(checkpoints["good"])
+    bad = _acceptance(checkpoints["bad"])
     assert good >= 0.95, good
     assert bad <= 0.1, bad
 
 
 def test_greedy_drafting_is_lossless_on_the_hybrid(checkpoints):
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    drafted = _greedy(_llm(checkpoints["peaked"], k=2))
-    plain = _greedy(_llm(checkpoints["peaked"], k=None))
+    drafted = _greedy(checkpoints["peaked"], k=2)
+    plain = _greedy(checkpoints["peaked"], k=None)
     assert drafted == plain
     assert drafted == _hf_greedy(checkpoints["peaked"])
     assert len({tuple(t) for t in drafted}) > 1  # not a constant model
