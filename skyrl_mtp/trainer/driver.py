@@ -271,8 +271,9 @@ class RLTrainer:
         metrics = dict(batch.metrics)
         metrics.update(window if self.speculative_tokens() else _without_draft_metrics(window))
         if self.draft_control is not None:
-            self.draft_control.observe(k, window.get("vllm/generation_tokens_per_s", 0.0),
-                                       [window.get(f"vllm/draft_acceptance_rate_pos_{i}", 0.0) for i in range(k)])
+            # rates vLLM left out (no drafts verified this step) stay out: the controller skips the step
+            rates = [window[key] for key in (f"vllm/draft_acceptance_rate_pos_{i}" for i in range(k)) if key in window]
+            self.draft_control.observe(k, window.get("vllm/generation_tokens_per_s", 0.0), rates)
             metrics.update({"draft/k": float(k), **self.draft_control.metrics()})
         timings["timing/generate_s"] = time.time() - t0
         metrics.update(self.memory("generate"))
