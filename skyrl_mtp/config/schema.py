@@ -223,6 +223,11 @@ class GeneratorConfig:
     # over a torch.distributed group (gloo on CPU, NCCL on GPUs; engines on other GPUs or nodes);
     # auto: cuda_ipc when colocated on one GPU, else ray.
     weight_transport: str = "auto"
+    # A sync that fails while the engines apply it rolls every engine back to the previous version
+    # (all or nothing), at the cost of one host copy of the weights per engine; without it the
+    # engines that applied stay ahead and generation is refused until a sync succeeds. null: on
+    # with 2+ engines (with one engine there is no mixed set to avoid: the run stops either way).
+    weight_sync_rollback: Optional[bool] = None
     num_cpus_per_engine: float = 1.0
     # null: tensor_parallel_size whole GPUs per engine; a fraction shares one GPU with the policy
     # (set megatron.num_gpus_per_worker to the rest and keep gpu_memory_utilization below it).
@@ -291,6 +296,12 @@ def _colocated(cfg: Config) -> bool:
     g, m = cfg.generator, cfg.megatron
     return (g.num_gpus_per_engine is not None and 0 < g.num_gpus_per_engine < 1
             and 0 < m.num_gpus_per_worker < 1)
+
+
+def resolve_weight_sync_rollback(cfg: Config) -> bool:
+    """generator.weight_sync_rollback with null resolved: on with 2+ engines."""
+    g = cfg.generator
+    return g.num_engines > 1 if g.weight_sync_rollback is None else bool(g.weight_sync_rollback)
 
 
 def resolve_weight_transport(cfg: Config) -> str:

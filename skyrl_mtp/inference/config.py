@@ -61,6 +61,10 @@ class RolloutConfig:
     # along dim 0), so no single Ray call or staging step holds more than one bucket in flight.
     bucket_bytes: int = 256 << 20
     weight_transport: str = "ray"
+    # Each engine keeps a host copy of the weights it serves, so that when a sync fails while the
+    # engines apply it, those that applied it go back to the previous version (all or nothing
+    # across engines). Costs one host copy of the weights per engine (two while a sync commits).
+    keep_weights_for_rollback: bool = False
     # Ray resources of each engine actor. GPUs per engine on CUDA: tensor_parallel_size unless
     # num_gpus_per_engine is set; a fraction (< 1, tensor_parallel_size 1) shares a GPU with the
     # policy (colocation by memory split: gpu_memory_utilization caps vLLM's share).

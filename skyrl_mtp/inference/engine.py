@@ -84,8 +84,8 @@ class WeightSyncError(RuntimeError):
 
 
 # Fault injection for drills of the all-or-nothing sync (and the tests): "<phase>@<engine>" or
-# "<phase>@<engine>:<version>", comma-separated; phase "prepare" (validation of the staged set) or
-# "commit" (the apply, between target and drafter). Read by each engine at start-up; Ray passes
+# "<phase>@<engine>:<version>", comma-separated; phase "prepare" (validation of the staged set),
+# "commit" (the apply, between target and drafter) or "rollback" (after a failed commit). Read by each engine at start-up; Ray passes
 # the driver's environment to its actors.
 WEIGHT_SYNC_FAULT_ENV = "SKYRL_MTP_WEIGHT_SYNC_FAULT"
 
@@ -311,6 +311,7 @@ class RolloutEngine:
         self.dtype = str(model_config.dtype).removeprefix("torch.")
         self.weight_version = 0
         self._weights_consistent = True
+        self._rollback_version: int | None = None  # the version before the last apply, until settled
         self.asleep: set[str] = set()  # what sleep released and wake_up has not restored yet
         self._sync: _OpenSync | None = None
         self._broadcast: dict[str, Any] | None = None  # the weight-broadcast group this engine's workers are in
@@ -619,8 +620,10 @@ class RolloutEngine:
         if not sync.prepared:
             raise WeightSyncError(f"{self._name}: finish_weight_sync({version}) before prepare_weight_sync")
         self._sync = None
+        self._rollback_version = self.weight_version
         try:
-            stats = self.llm.collective_rpc("skyrl_finish_weight_update", args=(version,))[0]
+            stats = self.llm.collective_rpc("skyrl_finish_weight_update",
+                                            args=(version, self.config.keep_weights_for_rollback))[0]
         except BaseException as exc:
             self._weights_consistent = False
             raise RuntimeError(f"{self._name}: applying weights of version {version} failed; generation is "
@@ -632,10 +635,46 @@ class RolloutEngine:
         stats.update(engine_index=self.index, version=version)
         return stats
 
+    def settle_weight_sync(self, version: int) -> None:
+        """Phase 3, after every engine of the group applied ``version``: its host copy (when
+        ``keep_weights_for_rollback``) becomes the one a later rollback goes back to."""
+        if self.weight_version != version or not self._weights_consistent:
+            raise WeightSyncError(f"{self._name}: settle_weight_sync({version}) but the engine serves "
+                                  f"{self.weight_version if self._weights_consistent else 'inconsistent weights'}")
+        self.llm.collective_rpc("skyrl_settle_weight_update", args=(version,))
+        self._rollback_version = None
+
+    def rollback_weight_sync(self, version: int) -> int:
+        """After the group's commit of ``version`` failed on some engine: goes back to the version
+        this engine served before (reloading target and drafter unless it never left it) and
+        returns it. Needs ``keep_weights_for_rollback`` when there is something to reload."""
+        target = self._rollback_version
+        if target is None or version <= target:
+            raise WeightSyncError(f"{self._name}: no commit of weight version {version} to roll back "
+                                  f"(the engine serves {self.weight_version})")
+        if self.weight_version == target and self._weights_consistent:  # its apply never started
+            self._rollback_version = None
+            return target
+        if not self.config.keep_weights_for_rollback:
+            raise WeightSyncError(f"{self._name}: cannot roll back to weight version {target}: no copy was kept "
+                                  "(generator.weight_sync_rollback is off)")
+        try:
+            self.llm.collective_rpc("skyrl_rollback_weight_update", args=(version, target, self.config.model_path))
+        except BaseException as exc:
+            self._weights_consistent = False
+            raise RuntimeError(f"{self._name}: rolling back to weight version {target} failed; generation is "
+                               f"refused until a weight sync succeeds: {type(exc).__name__}: {exc}") from exc
+        self.llm.reset_prefix_cache()
+        self.weight_version = target
+        self._weights_consistent = True
+        self._rollback_version = None
+        return target
+
     def arm_weight_sync_fault(self, phase: str, version: int | None = None) -> None:
         """Makes this engine's next weight sync (or the one to ``version``) fail once in ``phase``:
-        "prepare" (validating the staged set) or "commit" (the apply, after the target model is
-        reloaded and before the drafter is). For tests and drills of the all-or-nothing sync."""
+        "prepare" (validating the staged set), "commit" (the apply, after the target model is
+        reloaded and before the drafter is) or "rollback" (going back after a failed commit). For
+        tests and drills of the all-or-nothing sync."""
         self.llm.collective_rpc("skyrl_arm_weight_sync_fault", args=(phase, version))
 
     def abort_weight_sync(self) -> bool:

@@ -33,8 +33,9 @@ class EngineTimeoutError(RolloutEngineError):
 
 class WeightCommitError(RolloutEngineError):
     """A weight sync failed while engines applied it (after every engine had staged and validated
-    it): ``states`` maps each engine index to its weight version afterwards, None where the
-    engine's weights are inconsistent (or unknown); the group refuses to generate until they agree."""
+    it), after the rollback: ``states`` maps each engine index to its weight version afterwards,
+    None where the engine's weights are inconsistent (or unknown). When all agree (every engine was
+    rolled back) the group generates from that version; otherwise it refuses until a sync succeeds."""
 
     def __init__(self, engine_index: int, message: str, cause: BaseException | None, states: dict[int, int | None]):
         super().__init__(engine_index, message, cause)

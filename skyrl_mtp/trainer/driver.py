@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from skyrl_mtp.config.schema import Config, resolve_weight_transport, validate_config
+from skyrl_mtp.config.schema import Config, resolve_weight_sync_rollback, resolve_weight_transport, validate_config
 from skyrl_mtp.trainer.checkpoint import CheckpointManager, check_compatible
 
 
@@ -159,6 +159,7 @@ class RLTrainer:
                              bucket_bytes=g.weight_sync_bucket_mb << 20, num_cpus_per_engine=g.num_cpus_per_engine,
                              num_gpus_per_engine=g.num_gpus_per_engine,
                              weight_transport=resolve_weight_transport(self.cfg),
+                             keep_weights_for_rollback=resolve_weight_sync_rollback(self.cfg),
                              sleep_level=g.sleep_level if g.sleep_between_steps else 0)
 
     def build_datasets(self):

@@ -10,7 +10,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import skyrl_mtp.train as entry
-from skyrl_mtp.config.schema import ConfigError, resolve_weight_transport, validate_config
+from skyrl_mtp.config.schema import (
+    ConfigError,
+    resolve_weight_sync_rollback,
+    resolve_weight_transport,
+    validate_config,
+)
 
 REPO = Path(entry.__file__).resolve().parents[1]
 
@@ -71,6 +76,13 @@ def test_weight_transport_auto_picks_cuda_ipc_only_when_colocated_on_one_gpu():
     assert resolve_weight_transport(compose_cfg(colocated + ["generator.weight_transport=ray"])) == "ray"
     broadcast = compose_cfg(["generator.weight_transport=broadcast"])
     assert resolve_weight_transport(validate_config(broadcast)) == "broadcast"  # CPU: gloo from the policy
+
+
+def test_weight_sync_rollback_defaults_on_with_two_engines():
+    assert resolve_weight_sync_rollback(compose_cfg([])) is False
+    assert resolve_weight_sync_rollback(compose_cfg(["generator.num_engines=2"])) is True
+    assert resolve_weight_sync_rollback(compose_cfg(["generator.num_engines=2", "generator.weight_sync_rollback=false"])) is False
+    assert resolve_weight_sync_rollback(compose_cfg(["generator.weight_sync_rollback=true"])) is True
 
 
 BAD = [

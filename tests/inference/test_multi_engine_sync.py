@@ -15,12 +15,19 @@ vLLM worker a member):
   before any byte moves; a sender that fails while exporting aborts the sync; the engines keep
   their weights and the next sync goes through.
 
-All or nothing (the same two-phase push for every transport; both transports are exercised):
+All or nothing (the same phases for every transport; both transports are exercised; the engines
+keep a host copy of their weights for rollback, as ``generator.weight_sync_rollback`` does with 2+
+engines):
 - a fault injected in engine 1's prepare (Ray transport): the sync raises naming engine 1 and both
   engines keep the old version (greedy outputs unchanged, every sample carries the old version);
 - a fault injected in engine 1's commit (broadcast transport; engine 1's target reloaded, its
-  drafter not): ``WeightCommitError`` naming engine 1 with both engines' states, the group refuses
-  to generate from the mixed set, and the next sync brings both to one version.
+  drafter not; engine 0 applied the whole set): ``WeightCommitError`` naming engine 1, and both
+  engines are back on the old version: greedy outputs are transformers' on the old checkpoint,
+  and the drafters are the old head again (acceptance of a good head survives a failed push of a
+  random one). On the very first sync the old version is the start-up checkpoint, read back.
+- a fault in engine 1's commit *and* its rollback: engine 0 back on the old version, engine 1
+  inconsistent, the group refuses to generate from that mix, and the next sync brings both to one
+  version.
 
 Reference: transformers float32 greedy on checkpoints of the same weights (``sync_helpers``).
 """
@@ -134,6 +141,7 @@ def group(ray_local, checkpoints):
     config = RolloutConfig(model_path=checkpoints["a_dir"], num_engines=2, num_speculative_tokens=2,
                            max_model_len=256, dtype="float32", kv_cache_memory_bytes=64 << 20,
                            bucket_bytes=BUCKET_BYTES, seed=0, weight_transport="broadcast",
+                           keep_weights_for_rollback=True,
                            num_cpus_per_engine=0.5)  # leaves a CPU's worth for the policy actor
     g = RolloutEngineGroup(config)
     yield g
@@ -151,19 +159,32 @@ def generate_checked(group, expected_version: int) -> list[list[int]]:
 # Broadcast
 # ----------------------------------------------------------------------------------------------
 
+def test_commit_failure_on_the_first_sync_rolls_back_to_the_startup_checkpoint(ray_local, group, checkpoints):
+    """First test on the group: version 0 is the checkpoint the engines started from."""
+    assert group.weight_version == 0
+    startup = hf_greedy(checkpoints["a_dir"], PROMPTS, GREEDY.max_tokens)
+    assert generate_checked(group, 0) == startup  # the harness agrees first
+    ray_local.get(group.engine(1).actor.arm_weight_sync_fault.remote("commit"))
+    with pytest.raises(WeightCommitError, match=r"rollout engine 1 .*injected weight-sync fault in commit.*"
+                                                r"every engine was rolled back to version 0") as info:
+        group.sync_weights(checkpoints["b"])
+    assert info.value.states == {0: 0, 1: 0} == group.engine_versions()
+    assert generate_checked(group, 0) == startup
+
+
 def test_broadcast_sync_matches_transformers_greedy(group, checkpoints):
     assert group.transport.name == "broadcast"
     before = generate_checked(group, 0)
-    assert before == hf_greedy(checkpoints["a_dir"], PROMPTS, GREEDY.max_tokens)  # the harness agrees first
+    assert before == hf_greedy(checkpoints["a_dir"], PROMPTS, GREEDY.max_tokens)
 
     stats = group.sync_weights(checkpoints["b"])
-    assert stats.transport == "broadcast" and stats.version == group.weight_version == 1
+    assert stats.transport == "broadcast" and stats.version == group.weight_version
     assert stats.num_buckets > 10 and stats.max_bucket_bytes <= BUCKET_BYTES
     assert stats.nbytes == sum(t.numel() * t.element_size() for t in checkpoints["b"].values())
     assert stats.num_tensors == len(checkpoints["b"]) and 0 < stats.deliver_s < stats.total_s
     for i in (0, 1):
         assert stats.per_engine[i]["drafter"] is True and stats.per_engine[i]["num_tensors"] == len(checkpoints["b"])
-    after = generate_checked(group, 1)
+    after = generate_checked(group, stats.version)
     assert after == hf_greedy(checkpoints["b_dir"], PROMPTS, GREEDY.max_tokens)
     assert after != before
 
@@ -264,25 +285,62 @@ def test_failure_before_commit_leaves_every_engine_on_the_old_version(ray_local,
     assert generate_checked(group, old) == reference  # neither engine applied anything
 
 
-def test_failure_during_commit_refuses_mixed_generation_until_a_sync_succeeds(ray_local, group, checkpoints):
+def test_failure_during_commit_rolls_every_engine_back(ray_local, group, checkpoints):
     group.sync_weights(checkpoints["b"])
     old = group.weight_version
+    reference = hf_greedy(checkpoints["b_dir"], PROMPTS, GREEDY.max_tokens)
     ray_local.get(group.engine(1).actor.arm_weight_sync_fault.remote("commit"))
     with pytest.raises(WeightCommitError, match=r"failed while engines applied it: rollout engine 1 .*"
                                                 r"injected weight-sync fault in commit") as info:
         group.sync_weights(checkpoints["c"])
-    new = old + 1
     assert info.value.engine_index == 1
-    assert info.value.states == {0: new, 1: None} == group.engine_versions()
-    assert "engine 0: version %d, engine 1: inconsistent" % new in str(info.value)
+    assert f"every engine was rolled back to version {old} and can generate from it" in str(info.value)
+    assert info.value.states == {0: old, 1: old} == group.engine_versions()
+    assert group.weight_version == old
+    assert [ray_local.get(group.engine(i).actor.weight_state.remote()) for i in (0, 1)] == [old, old]
+    assert generate_checked(group, old) == reference
+
+    group.sync_weights(checkpoints["c"])  # the next sync goes through on both
+    assert group.engine_versions() == {0: old + 2, 1: old + 2}
+    assert generate_checked(group, old + 2) == hf_greedy(checkpoints["c_dir"], PROMPTS, GREEDY.max_tokens)
+
+
+def test_rollback_restores_the_drafters(ray_local, group):
+    """Engine 0 applies a random head in full, engine 1 fails between target and drafter: after
+    the rollback both draft with the good head again."""
+    target = fixed_token_target(seed=11)
+    group.sync_weights(with_good_head(target))
+    ray_local.get(group.engine(1).actor.arm_weight_sync_fault.remote("commit"))
+    with pytest.raises(WeightCommitError, match="every engine was rolled back"):
+        group.sync_weights(with_random_head(target, seed=12))
+    before = group.read_counters()
+    assert acceptance_at_temperature_one(group)["vllm/draft_acceptance_rate"] >= 0.99
+    after = group.read_counters()
+    for i in (0, 1):
+        delta = after[i] - before[i]
+        assert delta.num_draft_tokens > 0 and delta.num_accepted_tokens / delta.num_draft_tokens >= 0.99
+
+
+def test_failed_rollback_refuses_mixed_generation_until_a_sync_succeeds(ray_local, group, checkpoints):
+    group.sync_weights(checkpoints["b"])
+    old = group.weight_version
+    for phase in ("commit", "rollback"):
+        ray_local.get(group.engine(1).actor.arm_weight_sync_fault.remote(phase))
+    with pytest.raises(WeightCommitError, match=r"failed while engines applied it: rollout engine 1 .*"
+                                                r"injected weight-sync fault in commit.*not every engine could be "
+                                                r"rolled back.*injected weight-sync fault in rollback") as info:
+        group.sync_weights(checkpoints["c"])
+    assert info.value.engine_index == 1
+    assert info.value.states == {0: old, 1: None} == group.engine_versions()
+    assert "engine 0: version %d, engine 1: inconsistent" % old in str(info.value)
     assert group.weight_version == old
 
-    with pytest.raises(MixedWeightVersionsError, match="engine 0: version %d, engine 1: inconsistent" % new):
+    with pytest.raises(MixedWeightVersionsError, match="engine 0: version %d, engine 1: inconsistent" % old):
         group.generate(PROMPTS, GREEDY)
-    # The half-applied engine refuses on its own too (a caller that bypasses the group).
+    # The inconsistent engine refuses on its own too (a caller that bypasses the group).
     with pytest.raises(ray_local.exceptions.RayTaskError, match="last weight sync failed while applying weights"):
         ray_local.get(group.engine(1).actor.generate.remote(PROMPTS[:1], GREEDY))
 
     group.sync_weights(checkpoints["c"])
-    assert group.engine_versions() == {0: new + 1, 1: new + 1}
-    assert generate_checked(group, new + 1) == hf_greedy(checkpoints["c_dir"], PROMPTS, GREEDY.max_tokens)
+    assert group.engine_versions() == {0: old + 2, 1: old + 2}
+    assert generate_checked(group, old + 2) == hf_greedy(checkpoints["c_dir"], PROMPTS, GREEDY.max_tokens)

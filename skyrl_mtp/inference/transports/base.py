@@ -6,9 +6,14 @@
     deliver(...)                            the transport's own way of staging the buckets
     prepare_weight_sync(version)            on every engine: the staged set is complete and valid
     finish_weight_sync(version)             on every engine: apply (target and drafter)
+    settle_weight_sync(version)             on every engine, once all applied it
 
 and calls ``abort_weight_sync`` on every engine if anything fails before the apply, so a bad or
-incomplete set never reaches some engines and not others. A transport implements ``deliver``
+incomplete set never reaches some engines and not others. If an apply fails, it calls
+``rollback_weight_sync`` on every engine: engines that keep a host copy of their previous weights
+(``RolloutConfig.keep_weights_for_rollback``) go back to the previous version, so the group again
+serves one version; without the copy, the engines that applied stay on the new version and the
+group refuses to generate from the mixed set until a sync succeeds. A transport implements ``deliver``
 (plus ``connect`` / ``close`` when it keeps a connection) and the engine method that receives its
 buckets; it does not touch the phases.
 
@@ -83,9 +88,10 @@ class WeightTransport(ABC):
         All or nothing across engines: every engine stages and validates the whole set before any
         engine applies it, so a failure up to that point (sender, transport, validation, an engine
         that refuses or dies) aborts the sync everywhere and every engine keeps its weights. A
-        failure while engines apply raises ``WeightCommitError`` with every engine's state; the
-        engines' ``weight_version`` (on their handles) then disagree, which makes the group refuse
-        to generate until a later sync succeeds.
+        failure while engines apply rolls every engine back (where they kept their previous
+        weights) and raises ``WeightCommitError`` with every engine's state afterwards; engines
+        that could not go back make the handles' ``weight_version`` disagree, and the group then
+        refuses to generate until a later sync succeeds.
         """
         from skyrl_mtp.inference.remote import gather
 
@@ -109,7 +115,8 @@ class WeightTransport(ABC):
 
 
 def commit_everywhere(engines: Sequence[Any], version: int, timeout_s: float | None) -> dict[int, dict[str, Any]]:
-    """Phase 2: every engine applies its staged, validated ``version``. Records each engine's
+    """Phase 2: every engine applies its staged, validated ``version``, then settles it. If any
+    apply fails, every engine is rolled back (see ``WeightTransport``). Records each engine's
     resulting version on its handle; raises ``WeightCommitError`` naming the engines whose apply
     failed and the state every engine is left in."""
     from skyrl_mtp.inference.remote import WeightCommitError, describe_states, gather, gather_outcomes
@@ -118,11 +125,18 @@ def commit_everywhere(engines: Sequence[Any], version: int, timeout_s: float | N
                                f"finish_weight_sync(version={version})", timeout_s)
     failed = [(e, o) for e, o in zip(engines, outcomes) if isinstance(o, Exception)]
     if not failed:
+        gather([(e, e.actor.settle_weight_sync.remote(version)) for e in engines],
+               f"settle_weight_sync(version={version})", timeout_s)
         for e in engines:
             e.weight_version = version
         return {e.index: o for e, o in zip(engines, outcomes)}
+    live = [e for e in engines if e.alive]
+    rollbacks = gather_outcomes([(e, e.actor.rollback_weight_sync.remote(version)) for e in live],
+                                f"rollback_weight_sync(version={version})", timeout_s)
+    not_rolled_back = "".join(f"; {o}" for o in rollbacks if isinstance(o, Exception))
     # Ask the engines rather than guess: a refusal before the apply leaves an engine on its old
-    # version, a failed apply leaves it inconsistent; one that does not answer counts as inconsistent.
+    # version, a failed apply (or rollback) leaves it inconsistent; one that does not answer counts
+    # as inconsistent.
     states = {}
     for e in engines:
         e.weight_version = None
@@ -134,11 +148,15 @@ def commit_everywhere(engines: Sequence[Any], version: int, timeout_s: float | N
         states[e.index] = e.weight_version
     first_engine, first = failed[0]
     others = "".join(f"; also {o}" for _, o in failed[1:])
+    versions = set(states.values())
+    if None not in versions and len(versions) == 1:
+        outcome = f"every engine was rolled back to version {versions.pop()} and can generate from it"
+    else:
+        outcome = (f"not every engine could be rolled back{not_rolled_back}. Engines now: {describe_states(states)}; "
+                   "the group refuses to generate until a weight sync succeeds")
     raise WeightCommitError(
-        first_engine.index,
-        f"weight sync to version {version} failed while engines applied it: {first}{others}. "
-        f"Engines now: {describe_states(states)}; the group refuses to generate until a weight sync succeeds",
-        first, states)
+        first_engine.index, f"weight sync to version {version} failed while engines applied it: {first}{others}. "
+                            f"{outcome}", first, states)
 
 
 def abort_everywhere(engines: Sequence[Any]) -> None:
