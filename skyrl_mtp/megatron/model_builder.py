@@ -34,6 +34,9 @@ class BuildOptions:
     sequence_parallel: bool = False
     make_vocab_size_divisible_by: int = 128
     recompute: str = "none"  # none | selective | full: see RECOMPUTE
+    # Micro-batches arrive packed (THD, megatron.max_tokens_per_microbatch): the local spec's
+    # attention must then respect sequence boundaries (skyrl_mtp.megatron.packed_attention).
+    packed: bool = False
 
 
 # megatron.recompute -> Megatron TransformerConfig fields. selective: the core attention
@@ -127,7 +130,9 @@ def transformer_config(cfg: MimoConfig, opts: BuildOptions, *, mtp_layers: int |
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(use_te: bool):
+def layer_spec(use_te: bool, packed: bool = False):
+    """TE's layer spec (its attention takes packed THD input natively) or Megatron's local one
+    (with packed input: the packing-aware core attention)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -135,7 +140,12 @@ def layer_spec(use_te: bool):
 
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if packed:
+        from skyrl_mtp.megatron.packed_attention import with_packed_attention
+
+        spec = with_packed_attention(spec)
+    return spec
 
 
 def _gpt_kwargs(cfg: MimoConfig, opts: BuildOptions) -> dict:
@@ -177,13 +187,14 @@ def build_trunk(cfg: MimoConfig, opts: BuildOptions = BuildOptions(), *, pre_pro
         from skyrl_mtp.megatron import qwen3_5
 
         _refuse_recompute(opts)
+        _refuse_packing(opts)
         return qwen3_5.build_trunk(cfg, opts, pre_process=pre_process, post_process=post_process)
     from skyrl_mtp.megatron.compat import check_supported
     from skyrl_mtp.megatron.output_processor import gpt_model_class
 
     check_supported()
     config = transformer_config(cfg, opts, mtp_layers=None)
-    model = gpt_model_class()(config=config, transformer_layer_spec=layer_spec(resolve_use_te(opts.use_te)),
+    model = gpt_model_class()(config=config, transformer_layer_spec=layer_spec(resolve_use_te(opts.use_te), opts.packed),
                               pre_process=pre_process, post_process=post_process, **_gpt_kwargs(cfg, opts))
     model = _on_build_device(model, opts.params_dtype)
     if getattr(model, "mtp_process", False) or model.config.mtp_num_layers:
@@ -197,6 +208,7 @@ def build_mtp_block(cfg: MimoConfig, opts: BuildOptions = BuildOptions()):
         from skyrl_mtp.megatron import qwen3_5
 
         _refuse_recompute(opts)
+        _refuse_packing(opts)
         return qwen3_5.build_mtp_block(cfg, opts)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
     from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionBlock
@@ -209,7 +221,7 @@ def build_mtp_block(cfg: MimoConfig, opts: BuildOptions = BuildOptions()):
     if opts.recompute == "full":  # see RECOMPUTE
         opts = with_options(opts, recompute="selective")
     config = transformer_config(cfg, opts, mtp_layers=cfg.num_mtp_layers)
-    spec = get_gpt_mtp_block_spec(config, layer_spec(use_te), use_transformer_engine=use_te)
+    spec = get_gpt_mtp_block_spec(config, layer_spec(use_te, opts.packed), use_transformer_engine=use_te)
     return _on_build_device(MultiTokenPredictionBlock(config=config, spec=spec), opts.params_dtype)
 
 
@@ -247,6 +259,12 @@ def build_native_gpt_with_mtp(cfg: MimoConfig, opts: BuildOptions = BuildOptions
 def _refuse_recompute(opts: BuildOptions) -> None:
     if opts.recompute != "none":  # its own TransformerConfig does not take RECOMPUTE's fields yet
         raise ValueError(f"megatron.recompute={opts.recompute!r} is not wired into the qwen3_5 family: use none")
+
+
+def _refuse_packing(opts: BuildOptions) -> None:
+    if opts.packed:  # Megatron's Gated DeltaNet has no THD path: its recurrence would run across sequences
+        raise ValueError("megatron.max_tokens_per_microbatch (sequence packing) is not supported by the qwen3_5 "
+                         "family (its Gated DeltaNet layers have no packed-sequence path): set it null")
 
 
 def causal_mask(seq_len: int, device=None) -> torch.Tensor:

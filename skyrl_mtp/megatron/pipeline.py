@@ -158,9 +158,13 @@ def run_schedule(model: torch.nn.Module, microbatches: list[dict[str, torch.Tens
 
     if not microbatches:
         raise ValueError("run_schedule got no micro-batches")
-    seq = microbatches[0]["input_ids"].shape[1]
-    if any(mb["input_ids"].shape[1] != seq for mb in microbatches):
-        raise ValueError("all micro-batches of one schedule must have the same sequence length")
+    config = get_model_config(model)
+    seq = max(mb["input_ids"].shape[1] for mb in microbatches)
+    # Stages exchange tensors of one fixed shape unless variable_seq_lengths is set; packed
+    # micro-batches (skyrl_mtp.workers.packing) differ in length, which one stage alone takes.
+    if (current_stage()[1] > 1 and not config.variable_seq_lengths
+            and any(mb["input_ids"].shape[1] != seq for mb in microbatches)):
+        raise ValueError("all micro-batches of one pipeline schedule must have the same sequence length")
     it = iter(microbatches)
 
     def loss_func(output):
@@ -171,7 +175,6 @@ def run_schedule(model: torch.nn.Module, microbatches: list[dict[str, torch.Tens
     def step(data_iterator, _model):
         return forward(next(data_iterator)), loss_func
 
-    config = get_model_config(model)
     with _loss_reaches_backward_unchanged(config):
         return get_forward_backward_func()(
             forward_step_func=step, data_iterator=it, model=[model], num_microbatches=len(microbatches),

@@ -1,6 +1,7 @@
 """Check that MTP head training leaves the policy's update untouched, bitwise.
 
     python -m skyrl_mtp.tools.check_policy_invariance --steps 5 [--mini-batches 4] [--loss-type soft_ce] [--model DIR] [--tp 2] [--pp 2]
+        [--distributed-optimizer] [--recompute full] [--max-tokens-per-microbatch 64]
 
 Trains two copies of the same policy on identical batches, K batches of M PPO mini-batches (one
 optimizer step each, old log-probs computed once per batch), one with the decoupled MTP draft
@@ -56,7 +57,8 @@ def run(args, rank: int = 0, world_size: int = 1, master_port: int | None = None
         megatron=MegatronConfig(tp_size=args.tp, pp_size=args.pp, micro_batch_size=args.micro_batch_size,
                                 params_dtype=args.dtype,
                                 mtp_loss_chunk_size=args.chunk_size,
-                                use_distributed_optimizer=args.distributed_optimizer, recompute=args.recompute),
+                                use_distributed_optimizer=args.distributed_optimizer, recompute=args.recompute,
+                                max_tokens_per_microbatch=args.max_tokens_per_microbatch),
         algorithm=AlgorithmConfig(clip_eps_low=0.2, clip_eps_high=0.28),
         optim=OptimConfig(lr=args.lr, clip_grad=1.0), mtp=MtpConfig(enabled=False))
     mtp_cfg = MtpConfig(enabled=True, num_speculative_tokens=args.num_depths, loss_type=args.loss_type,
@@ -90,6 +92,7 @@ def run(args, rank: int = 0, world_size: int = 1, master_port: int | None = None
             "mtp_loss_last": mtp_losses[-1], "steps": args.steps, "mini_batches": args.mini_batches,
             "optimizer_steps": args.steps * args.mini_batches, "loss_type": args.loss_type,
             "num_policy_tensors": len(a), "tp": args.tp, "pp": args.pp, "pp_rank": with_mtp.pp_rank,
+            "max_tokens_per_microbatch": args.max_tokens_per_microbatch,
             **runtime_facts()}
 
 
@@ -180,6 +183,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Megatron's distributed optimizer for policy and head (megatron.use_distributed_optimizer)")
     parser.add_argument("--recompute", default="none", choices=["none", "selective", "full"],
                         help="activation recompute (megatron.recompute)")
+    parser.add_argument("--max-tokens-per-microbatch", type=int, default=None,
+                        help="sequence packing: micro-batches of whole sequences up to this many tokens "
+                             "(megatron.max_tokens_per_microbatch; replaces --micro-batch-size)")
     parser.add_argument("--attach-output-layer", action="store_true",
                         help="let the draft loss train the shared output layer (must then report identical=false)")
     args = parser.parse_args(argv)

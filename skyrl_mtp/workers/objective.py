@@ -13,6 +13,10 @@
    depth. Nothing of the draft loss reaches a policy parameter, so the policy's gradient is the
    one it would have without MTP (checked bitwise by tools.check_policy_invariance).
 
+Packed micro-batches (``ctx.packing``, see ``skyrl_mtp.workers.packing``): the model and the
+draft loss work on the packed row (the draft masks stay inside each sequence through cu_seqlens);
+the policy loss, KL and TIS see each sequence as a row again, as in the padded path.
+
 Normalisation: losses are divided by global counts (tokens or sequences over all micro-batches
 and data-parallel ranks) times the DP size, because Megatron DDP averages gradients over DP
 ranks; so the update equals one big-batch update whatever the micro-batching or DP layout.
@@ -86,6 +90,8 @@ class ObjectiveContext:
     normalizer: float = 1.0  # global tokens (token_mean) or sequences (seq_*) / dp_size
     draft: DraftObjective | None = None
     draft_normalizers: list[float] = field(default_factory=list)  # per depth: global draft tokens / dp
+    # A packed micro-batch (skyrl_mtp.workers.packing.Packing): the tensors above are [1, T]
+    packing: Any = None
 
 
 def rl_output_processor(*, hidden_states, output_layer, output_weight, input_ids, position_ids,
@@ -101,27 +107,31 @@ def rl_output_processor(*, hidden_states, output_layer, output_weight, input_ids
     if ctx.mode != "train":
         raise ValueError(f"ObjectiveContext.mode must be 'logprobs' or 'train', got {ctx.mode!r}")
 
-    mask = ctx.loss_mask
+    # The RL math reduces per row: a packed micro-batch's sequences become rows again.
+    per_seq = ctx.packing.as_rows if ctx.packing is not None else _as_is
+    logprobs, entropy, mask = per_seq(logprobs), per_seq(entropy), per_seq(ctx.loss_mask)
+    advantages, ref_logprobs, rollout_logprobs = (
+        None if t is None else per_seq(t) for t in (ctx.advantages, ctx.ref_logprobs, ctx.rollout_logprobs))
     algo = ctx.algorithm
-    old = ctx.old_logprobs if ctx.old_logprobs is not None else logprobs.detach()
+    old = per_seq(ctx.old_logprobs) if ctx.old_logprobs is not None else logprobs.detach()
     norm = {"num_tokens" if algo.loss_agg_mode == "token_mean" else "num_seqs": ctx.normalizer}
     tokens = mask.sum()
     stats = {"entropy_sum": (entropy * mask).sum(), "mask_sum": tokens}
     maxima = {}
     weights = None
-    if ctx.rollout_logprobs is not None:
+    if rollout_logprobs is not None:
         tis = algo.tis
         if tis.enabled:
-            weights = truncated_is_weights(old, ctx.rollout_logprobs, mask, mode=tis.mode, cap=tis.cap)
-        mismatch_sums, maxima = mismatch_stats(old, ctx.rollout_logprobs, mask, weights,
+            weights = truncated_is_weights(old, rollout_logprobs, mask, mode=tis.mode, cap=tis.cap)
+        mismatch_sums, maxima = mismatch_stats(old, rollout_logprobs, mask, weights,
                                                tis.cap if tis.enabled else None)
         stats.update(mismatch_sums)
-    policy_loss, metrics = compute_policy_loss(logprobs, old, ctx.advantages, mask, algo, token_weights=weights,
+    policy_loss, metrics = compute_policy_loss(logprobs, old, advantages, mask, algo, token_weights=weights,
                                                **norm)
     for name, value in metrics.items():  # token means of this micro-batch -> token sums
         stats[name] = value * tokens
-    if algo.use_kl_loss and ctx.ref_logprobs is not None:
-        kl = kl_penalty(logprobs, ctx.ref_logprobs, algo.kl_type)
+    if algo.use_kl_loss and ref_logprobs is not None:
+        kl = kl_penalty(logprobs, ref_logprobs, algo.kl_type)
         policy_loss = policy_loss + algo.kl_coef * aggregate_loss(kl, mask, algo.loss_agg_mode, **norm)
         stats["kl_sum"] = (kl.detach() * mask).sum()
 
@@ -133,6 +143,10 @@ def rl_output_processor(*, hidden_states, output_layer, output_weight, input_ids
         total = total + total_draft
     return {"loss": total, "policy_loss": policy_loss.detach(), "draft": draft_terms, "stats": stats,
             "maxima": maxima}
+
+
+def _as_is(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _use_fused(draft: DraftObjective, device: torch.device) -> bool:
@@ -166,9 +180,11 @@ def _draft_losses(ctx: ObjectiveContext, policy_logits, hidden_states, output_la
     weighted = d.depth_weighting == "acceptance" and len(hidden_per_depth) > 1
     # [b, seq]: probability that every draft before the current depth from position t is accepted
     reach = torch.ones(teacher_all.shape[:2], dtype=torch.float32, device=teacher_all.device) if weighted else None
+    # Packed: a position counts only if its target `depth` ahead lies in its own sequence.
+    cu_seqlens = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
     for depth, hidden in enumerate(hidden_per_depth, start=1):
         # Head depth k at t predicts token t+k+1; the policy predicts it at t+k: that is the teacher.
-        mask = shift_mask(ctx.loss_mask, depth)[:, : seq - depth]
+        mask = shift_mask(ctx.loss_mask, depth, cu_seqlens)[:, : seq - depth]
         weight = mask.sum()
         if weight.item() == 0:  # identical on every TP rank: all ranks skip together
             terms.append((hidden.new_zeros(()), 0.0))

@@ -11,6 +11,8 @@
 Batches are dicts of ``[B, S]`` tensors for this rank's data-parallel shard: ``input_ids``
 (right-padded), ``loss_mask`` (1 where position t predicts a response token), and for training
 ``old_logprobs``, ``advantages`` and optionally ``ref_logprobs`` (aligned with loss_mask).
+They run as micro-batches of ``megatron.micro_batch_size`` rows, or, with
+``megatron.max_tokens_per_microbatch``, as packed micro-batches (``skyrl_mtp.workers.packing``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from skyrl_mtp.mtp.replay import MtpCapture
 from skyrl_mtp.config.schema import MegatronConfig, OptimConfig
 from skyrl_mtp.workers.config import PolicyWorkerConfig
 from skyrl_mtp.workers.objective import DraftObjective, ObjectiveContext, rl_output_processor
+from skyrl_mtp.workers.packing import pack_microbatches
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CHECKPOINT_FORMAT = 1
@@ -164,7 +167,7 @@ class MegatronPolicy:
         self.bridge = bridge
         self.params_dtype = _DTYPES[mg.params_dtype]
         opts = BuildOptions(tp_size=mg.tp_size, pp_size=mg.pp_size, params_dtype=self.params_dtype,
-                            recompute=mg.recompute)
+                            recompute=mg.recompute, packed=mg.max_tokens_per_microbatch is not None)
         # Each rank reads its own tensor-parallel slices, lazily (the MTP head's only with MTP on).
         shard = read_megatron_shard(bridge, cfg.model_path, tp_rank=self.tp_rank, tp_size=mg.tp_size,
                                     with_mtp=self.mtp_on)
@@ -211,21 +214,32 @@ class MegatronPolicy:
     def _model(self):
         return self.trunk_ddp if self.trunk_ddp is not None else self.trunk
 
-    def _microbatches(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    def _microbatches(self, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        budget = self.cfg.megatron.max_tokens_per_microbatch
+        if budget is not None:
+            return pack_microbatches(batch, budget, self.device)
         n = batch["input_ids"].shape[0]
         size = self.cfg.megatron.micro_batch_size
         return [{k: (v[start:start + size].to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
                 for start in range(0, n, size)]
 
-    def _forward(self, mb: dict[str, torch.Tensor], ctx: ObjectiveContext):
+    def _forward(self, mb: dict[str, Any], ctx: ObjectiveContext):
         ids = mb["input_ids"]
+        packing = mb.get("packing")
+        if packing is not None:  # THD: positions restart per sequence, attention stays inside each
+            return self._model()(ids, packing.position_ids(), None, packed_seq_params=packing.params,
+                                 output_processor=rl_output_processor, output_processor_context=ctx)
         seq = ids.shape[1]
         pos = torch.arange(seq, device=ids.device)[None].expand_as(ids)
         return self._model()(ids, pos, causal_mask(seq, device=ids.device), output_processor=rl_output_processor,
                              output_processor_context=ctx)
 
     @staticmethod
-    def _targets(ids: torch.Tensor) -> torch.Tensor:
+    def _targets(mb: dict[str, Any]) -> torch.Tensor:
+        """The token each position predicts: the next one in its row (or, packed, in its sequence)."""
+        ids = mb["input_ids"]
+        if mb.get("packing") is not None:
+            return mb["packing"].targets(ids)
         return torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
 
     def _dp_sum(self, value: float) -> float:
@@ -243,16 +257,24 @@ class MegatronPolicy:
 
         def forward(mb):
             return self._forward(mb, ObjectiveContext(
-                mode="logprobs", targets=self._targets(mb["input_ids"]), loss_mask=mb["loss_mask"],
+                mode="logprobs", targets=self._targets(mb), loss_mask=mb["loss_mask"],
                 vocab_size=self.model_cfg.vocab_size, temperature=self.cfg.temperature, tp_group=self.tp_group))
 
         def keep(out):
             return out["logprobs"].new_zeros(()), {k: out[k].cpu() for k in ("logprobs", "entropy")}
 
-        outs = run_schedule(self._model(), self._microbatches(batch), forward, keep, forward_only=True)
+        microbatches = self._microbatches(batch)
+        outs = run_schedule(self._model(), microbatches, forward, keep, forward_only=True)
         if not self.stage.last:
             return None
-        return {k: torch.cat([o[k] for o in outs]) for k in ("logprobs", "entropy")}
+        if microbatches[0].get("packing") is None:
+            return {k: torch.cat([o[k] for o in outs]) for k in ("logprobs", "entropy")}
+        # Packed: back to the batch's rows; positions past a sequence's packed length are 0 (nothing there counts).
+        result = {k: torch.zeros(batch["input_ids"].shape, dtype=outs[0][k].dtype) for k in ("logprobs", "entropy")}
+        for mb, out in zip(microbatches, outs):
+            for k in result:
+                mb["packing"].scatter(out[k], result[k])
+        return result
 
     # ------------------------------------------------------------------ training
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -306,11 +328,11 @@ class MegatronPolicy:
 
         def forward(mb):
             return self._forward(mb, ObjectiveContext(
-                mode="train", targets=self._targets(mb["input_ids"]), loss_mask=mb["loss_mask"].float(),
+                mode="train", targets=self._targets(mb), loss_mask=mb["loss_mask"].float(),
                 vocab_size=self.model_cfg.vocab_size, temperature=self.cfg.temperature, tp_group=self.tp_group,
                 algorithm=algo, old_logprobs=mb.get("old_logprobs"), advantages=mb["advantages"],
                 ref_logprobs=mb.get("ref_logprobs"), rollout_logprobs=mb.get("rollout_logprobs"),
-                normalizer=normalizer, draft=draft, draft_normalizers=draft_norms))
+                normalizer=normalizer, draft=draft, draft_normalizers=draft_norms, packing=mb.get("packing")))
 
         def loss(out):  # last stage: the schedule back-propagates the returned loss as is
             sums["policy_loss"] = sums.get("policy_loss", 0.0) + float(out["policy_loss"])

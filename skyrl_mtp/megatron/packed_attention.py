@@ -1,0 +1,86 @@
+"""Packed sequences in Megatron (the THD format): what a packed micro-batch hands the model, and
+the local layer spec's attention made to keep each sequence to itself.
+
+A packed micro-batch is one row ``[1, T]`` holding several sequences back to back;
+``cu_seqlens = [0, l0, l0 + l1, ..., T]`` marks where each begins. Megatron carries this as
+``PackedSeqParams(qkv_format="thd")``, and with it RoPE restarts at every sequence (rope_utils'
+THD path), the MTP head's roll stays inside each sequence (``roll_tensor``'s packed path), and
+TransformerEngine's attention (the TE layer spec, on GPUs) attends within each sequence only.
+
+Megatron's local ``DotProductAttention`` (the layer spec without TE: CPU, or GPUs without TE)
+refuses packed input. :class:`PackedDotProductAttention` takes it: the same attention math through
+a block-diagonal causal mask built from cu_seqlens. It is dense (``T x T`` scores per head), so
+exact but O(T^2) in memory: the varlen kernel that avoids this is TE's.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+
+def packed_seq_params(lengths: list[int], device: torch.device | str) -> PackedSeqParams:
+    """Megatron's description of sequences of these lengths packed back to back (no padding
+    between them; TE reads int32 boundaries)."""
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"packed sequences need lengths >= 1, got {lengths}")
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
+    cu = cu.to(device)
+    longest = max(lengths)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                           max_seqlen_kv=longest)
+
+
+def block_causal_mask(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """``[1, 1, T, T]`` boolean mask in Megatron's convention (True = masked): position i attends
+    to j only if j <= i and both lie in the same segment of cu_seqlens."""
+    cu = cu_seqlens.long()
+    total = int(cu[-1])
+    segment = torch.repeat_interleave(torch.arange(len(cu) - 1, device=cu.device), cu[1:] - cu[:-1])
+    pos = torch.arange(total, device=cu.device)
+    allowed = (segment[:, None] == segment[None, :]) & (pos[None, :] <= pos[:, None])
+    return (~allowed)[None, None]
+
+
+class PackedDotProductAttention(DotProductAttention):
+    """Megatron's local core attention, also for packed (THD) input.
+
+    Packed, Megatron's attention module hands the core attention ``[t, heads, dim]`` tensors
+    (the batch dim of 1 squeezed out) and wants ``[t, heads * dim]``-shaped output back; this
+    restores the batch dim, masks with :func:`block_causal_mask` and runs the unchanged dense
+    path. Unpacked input goes to DotProductAttention as is.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The fused causal softmax kernel (where it is compiled) applies its own triangular mask
+        # and ignores the one passed in, which would let sequences attend to earlier ones.
+        self.scale_mask_softmax.scaled_masked_softmax_fusion = False
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params: PackedSeqParams | None = None):
+        if packed_seq_params is None:
+            return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                   attention_bias=attention_bias)
+        if packed_seq_params.qkv_format != "thd":
+            raise ValueError(f"PackedDotProductAttention takes qkv_format='thd', got {packed_seq_params.qkv_format!r}")
+        if not torch.equal(packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv):
+            raise ValueError("PackedDotProductAttention is self-attention: cu_seqlens_q must equal cu_seqlens_kv")
+        mask = block_causal_mask(packed_seq_params.cu_seqlens_q.to(query.device))
+        if mask.shape[-1] != query.shape[0]:
+            raise ValueError(f"cu_seqlens cover {mask.shape[-1]} tokens, the packed input has {query.shape[0]}")
+        return super().forward(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), mask,
+                               attn_mask_type=attn_mask_type, attention_bias=attention_bias)
+
+
+def with_packed_attention(layer_spec):
+    """The local layer spec (a fresh ModuleSpec of a TransformerLayer) with its core attention
+    replaced by :class:`PackedDotProductAttention`; the MTP head's layers are built from the same spec."""
+    attention = layer_spec.submodules.self_attention.submodules
+    if attention.core_attention is not DotProductAttention:
+        raise ValueError(f"packed sequences on the local layer spec expect DotProductAttention, found "
+                         f"{attention.core_attention!r}")
+    attention.core_attention = PackedDotProductAttention
+    return layer_spec
