@@ -1,7 +1,7 @@
 """Memory features of the policy change nothing numerically: Megatron's distributed optimizer
 (ZeRO-1 over DP, for the trunk and separately for the MTP head) against the plain optimizer,
 activation recompute against none, optimizer CPU offload against none (GPU only), and the config
-checks that refuse what cannot run."""
+checks that refuse what cannot run. Sequence packing against padding: tests/workers/test_packing.py."""
 
 from __future__ import annotations
 
@@ -199,10 +199,12 @@ def test_worker_refuses_offload_without_cuda(tiny_ckpt):
 
 # ---------------------------------------------------------------- decoupling with the features on
 @pytest.mark.parametrize("features", [dict(use_distributed_optimizer=True), dict(recompute="full"),
-                                      dict(recompute="selective")])
+                                      dict(recompute="selective"),
+                                      dict(max_tokens_per_microbatch=48, recompute="selective")])
 def test_policy_update_is_bitwise_the_same_without_mtp(megatron_single, tiny_ckpt, features):
     """With each feature on, the policy after 2 steps is bitwise the policy trained without the MTP
-    head (the head has its own optimizer, shards and clipping; recompute never lets it reach the trunk)."""
+    head (the head has its own optimizer, shards and clipping; recompute never lets it reach the trunk;
+    packed micro-batches, here with the core attention recomputed, keep the replay detached)."""
     from dataclasses import replace
 
     from skyrl_mtp.workers.policy import MegatronPolicy
