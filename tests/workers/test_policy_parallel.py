@@ -1,4 +1,5 @@
-"""Data parallel 2 and tensor parallel 2 (two CPU processes, gloo) against the single-process run."""
+"""Data parallel 2 and tensor parallel 2 (two CPU processes, gloo) against the single-process run,
+padded or with packed micro-batches (megatron.max_tokens_per_microbatch)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ STEPS = 3
 BATCH = 8
 
 
-def _cfg(path, tp=1, one_valid=False) -> PolicyWorkerConfig:
+def _cfg(path, tp=1, one_valid=False, budget=None) -> PolicyWorkerConfig:
     agg = "seq_mean_token_mean" if one_valid else "token_mean"
-    return PolicyWorkerConfig(model_path=str(path), megatron=MegatronConfig(tp_size=tp, micro_batch_size=2),
+    return PolicyWorkerConfig(model_path=str(path), megatron=MegatronConfig(tp_size=tp, micro_batch_size=2,
+                                                                            max_tokens_per_microbatch=budget),
                               optim=OptimConfig(lr=1e-3),
                               algorithm=AlgorithmConfig(clip_eps_low=0.2, clip_eps_high=0.28, loss_agg_mode=agg),
                               mtp=MtpConfig(enabled=True, num_speculative_tokens=2, optim=OptimConfig(lr=3e-3)))
@@ -49,11 +51,11 @@ def _train(policy, batches, shard=lambda b: b):
     return logprobs, metrics
 
 
-def _worker(rank, world, port, path, tp, out_dir, one_valid=False):
+def _worker(rank, world, port, path, tp, out_dir, one_valid=False, budget=None):
     try:
         from skyrl_mtp.workers.policy import MegatronPolicy
 
-        policy = MegatronPolicy(_cfg(path, tp, one_valid), rank=rank, world_size=world, master_port=port)
+        policy = MegatronPolicy(_cfg(path, tp, one_valid, budget), rank=rank, world_size=world, master_port=port)
         dp, dp_rank = policy.dp_size, policy.dp_rank
         batches = _batches(one_valid)
         per = batches[0]["input_ids"].shape[0] // dp
@@ -67,12 +69,12 @@ def _worker(rank, world, port, path, tp, out_dir, one_valid=False):
         raise
 
 
-def _run_two(path, tp, tmp_path, one_valid=False):
+def _run_two(path, tp, tmp_path, one_valid=False, budget=None):
     from skyrl_mtp.megatron.parallel import free_port
 
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(path), tp, str(tmp_path), one_valid))
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(path), tp, str(tmp_path), one_valid, budget))
              for r in range(2)]
     for p in procs:
         p.start()
@@ -129,6 +131,28 @@ def test_tensor_parallel_2_matches_1(single, tiny_ckpt, tmp_path):
     # Adam turns reduction-order noise of the TP all-reduces into ~1e-5 weight noise after 3 steps.
     _assert_close_weights(ranks[0]["hf"], single["hf"], 1e-4)
     assert abs(ranks[0]["metrics"][-1]["mtp/loss"] - single["metrics"][-1]["mtp/loss"]) <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2])
+def test_packed_at_two_ranks_matches_padded_single_rank(single, tiny_ckpt, tmp_path, tp):
+    """Packed micro-batches of <= 40 tokens at DP=2 (each rank packs its own shard, so the ranks run
+    different numbers of micro-batches) or TP=2 (both ranks pack the same rows) against the padded
+    single-process run: log-probs on the loss positions, losses and weights after 3 steps within the
+    tolerances of the padded two-rank tests above."""
+    ranks = _run_two(tiny_ckpt, tp, tmp_path, budget=40)
+    mask = _batches()[0]["loss_mask"].bool()
+    if tp == 1:
+        _assert_close_weights(ranks[0]["hf"], single["hf"], 1e-5)
+        mask = mask[:BATCH // 2]  # DP rank 0's shard
+    else:
+        _assert_close_weights(ranks[0]["hf"], single["hf"], 1e-4)
+    for r in ranks[: 2 if tp == 2 else 1]:
+        diff = (r["logprobs"][0][mask] - single["logprobs"][0][: mask.shape[0]][mask]).abs().max().item()
+        assert diff <= 1e-5, diff
+    for key in ("policy/loss", "mtp/loss", "policy/grad_norm", "mtp/grad_norm"):
+        ref = single["metrics"][-1][key]
+        assert abs(ranks[0]["metrics"][-1][key] - ref) <= 1e-5 * max(1, abs(ref)), key
 
 
 @pytest.mark.slow
