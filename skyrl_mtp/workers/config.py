@@ -38,9 +38,6 @@ class PolicyWorkerConfig:
         budget = mg.max_tokens_per_microbatch
         if budget is not None and budget < 1:
             raise ValueError(f"megatron.max_tokens_per_microbatch must be >= 1 or null, got {budget}")
-        if budget is not None and mg.pp_size > 1:
-            raise ValueError(f"megatron.max_tokens_per_microbatch={budget} with megatron.pp_size={mg.pp_size}: packing is "
-                             "not tested with pipeline stages; use pp_size=1 or max_tokens_per_microbatch=null")
         if mg.params_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"megatron.params_dtype={mg.params_dtype!r}: use float32 or bfloat16")
         if mg.recompute not in ("none", "selective", "full"):

@@ -183,8 +183,6 @@ def test_config_checks_the_budget_before_anything_starts():
         _validated(megatron__max_tokens_per_microbatch=100)
     with pytest.raises(ConfigError, match=r"max_tokens_per_microbatch=0: must be >= 1"):
         _validated(megatron__max_tokens_per_microbatch=0)
-    with pytest.raises(ConfigError, match=r"max_tokens_per_microbatch=256: packing with megatron\.pp_size=2"):
-        _validated(megatron__max_tokens_per_microbatch=256, megatron__pp_size=2)
     _validated(megatron__max_tokens_per_microbatch=104)
 
 

@@ -26,9 +26,11 @@ BATCH = 8
 MINI_BATCHES = 2
 
 
-def _cfg(path, pp=1, tp=1) -> PolicyWorkerConfig:
-    # micro_batch_size 3 on 4-row mini-batches: micro-batches of 3 and 1 rows (shapes sent ahead)
-    return PolicyWorkerConfig(model_path=str(path), megatron=MegatronConfig(pp_size=pp, tp_size=tp, micro_batch_size=3),
+def _cfg(path, pp=1, tp=1, budget=None) -> PolicyWorkerConfig:
+    # micro_batch_size 3 on 4-row mini-batches: micro-batches of 3 and 1 rows (shapes sent ahead);
+    # packed (budget): micro-batches of whole sequences, each of its own length
+    return PolicyWorkerConfig(model_path=str(path), megatron=MegatronConfig(pp_size=pp, tp_size=tp, micro_batch_size=3,
+                                                                            max_tokens_per_microbatch=budget),
                               optim=OptimConfig(lr=1e-3), temperature=0.9,
                               algorithm=AlgorithmConfig(clip_eps_low=0.2, clip_eps_high=0.28),
                               mtp=MtpConfig(enabled=True, num_speculative_tokens=2, loss_type="soft_ce",
@@ -55,11 +57,11 @@ def _train(policy, steps=STEPS, first=0):
     return logprobs, metrics
 
 
-def _worker(rank, world, port, path, out_dir, ckpt_dir):
+def _worker(rank, world, port, path, out_dir, ckpt_dir, budget=None):
     try:
         from skyrl_mtp.workers.policy import MegatronPolicy
 
-        policy = MegatronPolicy(_cfg(path, pp=2), rank=rank, world_size=world, master_port=port)
+        policy = MegatronPolicy(_cfg(path, pp=2, budget=budget), rank=rank, world_size=world, master_port=port)
         logprobs, metrics = _train(policy)
         hf = policy.export_hf_weights()
         hf = hf and {k: v.clone() for k, v in hf.items()}  # on CPU these are views of parameters trained below
@@ -67,7 +69,7 @@ def _worker(rank, world, port, path, out_dir, ckpt_dir):
         # A fresh policy in the same process groups, resumed from the stage shards, then one more
         # rollout batch on both: the resumed one must match bitwise (weights, both optimizers,
         # the head's embedding replica).
-        resumed = MegatronPolicy(_cfg(path, pp=2), rank=rank, world_size=world, master_port=port)
+        resumed = MegatronPolicy(_cfg(path, pp=2, budget=budget), rank=rank, world_size=world, master_port=port)
         resumed.load_checkpoint(ckpt_dir)
         _, more = _train(policy, steps=1, first=STEPS)
         _, more_resumed = _train(resumed, steps=1, first=STEPS)
@@ -86,7 +88,7 @@ def _worker(rank, world, port, path, out_dir, ckpt_dir):
         raise
 
 
-def _run_two(path, tmp_path):
+def _run_two(path, tmp_path, budget=None):
     from skyrl_mtp.megatron.parallel import free_port
 
     ctx = mp.get_context("spawn")
@@ -94,7 +96,7 @@ def _run_two(path, tmp_path):
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     out.mkdir()
     ckpt.mkdir()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(path), str(out), str(ckpt))) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(path), str(out), str(ckpt), budget)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -141,6 +143,28 @@ def test_pipeline_parallel_2_with_mtp_matches_1(megatron_single, tiny_ckpt, tmp_
     assert sorted(p.name for p in ckpt.iterdir()) == ["model_tp0_pp0.pt", "model_tp0_pp1.pt"]
     assert first["resume_same"] and last["resume_same"]
     assert last["more"][-1]["mtp/loss"] == last["more_resumed"][-1]["mtp/loss"]
+
+
+@pytest.mark.slow
+def test_pipeline_parallel_2_packed_matches_1_padded(megatron_single, tiny_ckpt, tmp_path):
+    """Packed micro-batches (<= 36 tokens: 2 or 3 sequences, a different length each) through the
+    two-stage 1F1B schedule, which sends each activation's shape ahead (variable_seq_lengths),
+    against the padded single-stage run: log-probs on the loss positions, losses, grad norms and
+    weights within 1e-5; a resume from the stage shards continues bitwise."""
+    from skyrl_mtp.workers.policy import MegatronPolicy
+
+    single = MegatronPolicy(_cfg(tiny_ckpt))
+    ref_logprobs, ref_metrics = _train(single)
+    ref_hf = single.export_hf_weights()
+    (first, last), _ = _run_two(tiny_ckpt, tmp_path, budget=36)
+    mask = synthetic_batch(0, 300, BATCH, 20, 6)["loss_mask"].bool()
+    assert (last["logprobs"][mask] - ref_logprobs[mask]).abs().max().item() <= 1e-5
+    worst = max((first["hf"][k] - ref_hf[k]).abs().max().item() for k in ref_hf)
+    assert worst <= 1e-5, worst
+    for got, want in zip(last["metrics"], ref_metrics):
+        for key in ("policy/loss", "mtp/loss", "mtp/loss_depth_2", "policy/grad_norm", "mtp/grad_norm"):
+            assert abs(got[key] - want[key]) <= 1e-5 * max(1.0, abs(want[key])), (key, got[key], want[key])
+    assert first["resume_same"] and last["resume_same"]
 
 
 @pytest.mark.slow
