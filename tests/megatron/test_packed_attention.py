@@ -15,6 +15,7 @@ from skyrl_mtp.mtp.replay import MtpCapture, mtp_logits, replay_mtp
 from tests.megatron.test_model_parity import reference_mimo
 
 LENGTHS = [5, 9, 3, 7]
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_block_causal_mask():
@@ -49,9 +50,10 @@ def _run(trunk, head, ids, pos, mask, params):
         return logits.transpose(0, 1), mtp_logits(kw["output_layer"], hidden[0], kw["output_weight"])
 
     with torch.no_grad():
-        out = trunk(ids, pos, mask, packed_seq_params=params, output_processor=processor, output_processor_context=None)
+        out = trunk(ids.to(DEVICE), pos.to(DEVICE), None if mask is None else mask.to(DEVICE), packed_seq_params=params,
+                    output_processor=processor, output_processor_context=None)
     capture.detach_hook()
-    return tuple(t.double() for t in out)
+    return tuple(t.double().cpu() for t in out)
 
 
 def test_packed_trunk_and_head_equal_each_sequence_alone(megatron_single):
@@ -65,7 +67,7 @@ def test_packed_trunk_and_head_equal_each_sequence_alone(megatron_single):
             for i, n in enumerate(LENGTHS)]
     ids = torch.cat(seqs)[None]
     pos = torch.cat([torch.arange(n) for n in LENGTHS])[None]
-    params = packed_seq_params(LENGTHS, "cpu")
+    params = packed_seq_params(LENGTHS, DEVICE)
 
     trunk, head = _models(cfg, hf, packed=True)
     assert isinstance(trunk.decoder.layers[0].self_attention.core_attention, PackedDotProductAttention)
