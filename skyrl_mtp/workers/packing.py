@@ -57,8 +57,9 @@ class Packing:
 
     def as_rows(self, packed: torch.Tensor) -> torch.Tensor:
         """``[1, T]`` -> ``[n, longest]``, one row per sequence, right-padded with 0 (differentiable)."""
-        rows = packed[0][self._index]
-        return torch.where(self._valid, rows, torch.zeros_like(rows))
+        index, valid = self._index.to(packed.device), self._valid.to(packed.device)  # e.g. log-probs sent to the host
+        rows = packed[0][index]
+        return torch.where(valid, rows, torch.zeros_like(rows))
 
     def scatter(self, packed: torch.Tensor, out: torch.Tensor) -> None:
         """Writes each sequence's values of ``packed [1, T]`` into its row of the padded ``out [B, S]``."""

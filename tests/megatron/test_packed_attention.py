@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from skyrl_mtp.megatron.bridge import load_module_state, make_bridge, split_trunk_and_mtp
+from skyrl_mtp.megatron.bridge import load_module_state, make_bridge, mtp_submodule_name, split_trunk_and_mtp
 from skyrl_mtp.megatron.model_builder import BuildOptions, build_mtp_block, build_trunk, causal_mask
 from skyrl_mtp.megatron.packed_attention import PackedDotProductAttention, block_causal_mask, packed_seq_params
 from skyrl_mtp.models.checkpoint import random_hf_state_dict
@@ -71,7 +71,8 @@ def test_packed_trunk_and_head_equal_each_sequence_alone(megatron_single):
 
     trunk, head = _models(cfg, hf, packed=True)
     assert isinstance(trunk.decoder.layers[0].self_attention.core_attention, PackedDotProductAttention)
-    assert isinstance(head.layers[0].transformer_layer.self_attention.core_attention, PackedDotProductAttention)
+    mtp_decoder_layer = getattr(head.layers[0], mtp_submodule_name())  # named by megatron-core's version
+    assert isinstance(mtp_decoder_layer.self_attention.core_attention, PackedDotProductAttention)
     logits, mtp = _run(trunk, head, ids, pos, None, params)
     start = 0
     for seq in seqs:
