@@ -159,13 +159,49 @@ class TorchGatedDeltaNet(_gdn_base()):
 
 
 def gdn_module():
-    """Megatron's fla-backed GatedDeltaNet where fla and CUDA are present, else :class:`TorchGatedDeltaNet`."""
+    """Megatron's fla-backed GatedDeltaNet where fla and CUDA are present and fla's backward can
+    run, else :class:`TorchGatedDeltaNet` (the same math in torch, slower)."""
     if torch.cuda.is_available() and importlib.util.find_spec("fla") is not None:
         from megatron.core.ssm.gated_delta_net import HAVE_FLA, GatedDeltaNet
 
-        if HAVE_FLA:
+        if HAVE_FLA and fla_backward_usable():
             return GatedDeltaNet
     return TorchGatedDeltaNet
+
+
+def fla_backward_usable() -> bool:
+    """False on Hopper with Triton >= 3.4.0 and < 3.7.1: fla 0.5 refuses its gated chunk backward
+    there (wrong results, fla issue #640) and raises mid-step, so the layer falls back to the torch
+    path at build time instead, with a warning naming the fix (seen on an H200 with Triton 3.6)."""
+    import warnings
+
+    import triton
+    from packaging.version import Version
+
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    triton_version = Version(triton.__version__.split("+")[0])
+    if hopper and Version("3.4.0") <= triton_version < Version("3.7.1"):
+        warnings.warn(f"qwen3_5: fla's Gated DeltaNet backward is refused on Hopper with Triton {triton.__version__} "
+                      "(fla issue #640); using the torch Gated DeltaNet instead (slower). Install triton>=3.7.1 "
+                      "for fla's kernels", stacklevel=2)
+        return False
+    return True
+
+
+def gdn_spec():
+    """The linear-attention layer's spec. Megatron's GatedDeltaNet builds its projections and its
+    output norm from submodules (plain linears here: the layer's input norm stays the
+    TransformerLayer's, so the parameter names are the CPU path's); ours builds its own."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    module = gdn_module()
+    if module is TorchGatedDeltaNet:
+        return ModuleSpec(module=module, submodules=None)
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNetSubmodules
+
+    return ModuleSpec(module=module, submodules=GatedDeltaNetSubmodules(
+        in_proj=ColumnParallelLinear, out_norm=PlainRMSNorm, out_proj=RowParallelLinear))
 
 
 # ---------------------------------------------------------------------------------------- specs
@@ -215,7 +251,7 @@ def _layer_spec(kind: str, use_te: bool):
         attn.submodules.q_layernorm = ZeroCenteredRMSNorm
         attn.submodules.k_layernorm = ZeroCenteredRMSNorm
     else:
-        attn = ModuleSpec(module=gdn_module(), submodules=None)
+        attn = gdn_spec()
     return ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
         input_layernorm=ZeroCenteredRMSNorm, self_attention=attn, self_attn_bda=sub.self_attn_bda,
         pre_mlp_layernorm=ZeroCenteredRMSNorm, mlp=sub.mlp, mlp_bda=sub.mlp_bda))

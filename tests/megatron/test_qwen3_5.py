@@ -125,11 +125,14 @@ def _megatron_logits(trunk, head, ids):
         logits, _ = kw["output_layer"](kw["hidden_states"], weight=kw["output_weight"])
         return logits.transpose(0, 1), mtp_logits(kw["output_layer"], hidden[0], kw["output_weight"])
 
-    pos = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+    device = next(trunk.parameters()).device  # CUDA where present (fla's kernels), else CPU
+    ids = ids.to(device)
+    pos = torch.arange(ids.shape[1], device=device)[None].expand(ids.shape[0], -1)
     with torch.no_grad():
-        out = trunk(ids, pos, causal_mask(ids.shape[1]), output_processor=processor, output_processor_context=None)
+        out = trunk(ids, pos, causal_mask(ids.shape[1]).to(device), output_processor=processor,
+                    output_processor_context=None)
     capture.detach_hook()
-    return tuple(t.float() for t in out)
+    return tuple(t.float().cpu() for t in out)
 
 
 def _hf_reference(ckpt, cfg, hf, ids):
