@@ -1,5 +1,6 @@
-"""Data parallel 2 and tensor parallel 2 (two CPU processes, gloo) against the single-process run,
-padded or with packed micro-batches (megatron.max_tokens_per_microbatch)."""
+"""Data parallel 2 and tensor parallel 2 (two CPU processes, gloo), and data parallel 2 x pipeline
+parallel 2 (four), against the single-process run, padded or with packed micro-batches
+(megatron.max_tokens_per_microbatch)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ STEPS = 3
 BATCH = 8
 
 
-def _cfg(path, tp=1, one_valid=False, budget=None) -> PolicyWorkerConfig:
+def _cfg(path, tp=1, one_valid=False, budget=None, pp=1) -> PolicyWorkerConfig:
     agg = "seq_mean_token_mean" if one_valid else "token_mean"
-    return PolicyWorkerConfig(model_path=str(path), megatron=MegatronConfig(tp_size=tp, micro_batch_size=2,
+    return PolicyWorkerConfig(model_path=str(path), megatron=MegatronConfig(tp_size=tp, pp_size=pp, micro_batch_size=2,
                                                                             max_tokens_per_microbatch=budget),
                               optim=OptimConfig(lr=1e-3),
                               algorithm=AlgorithmConfig(clip_eps_low=0.2, clip_eps_high=0.28, loss_agg_mode=agg),
@@ -46,36 +47,39 @@ def _batches(one_valid=False):
 
 
 def _train(policy, batches, shard=lambda b: b):
-    logprobs = [policy.compute_logprobs(shard(b))["logprobs"] for b in batches[:1]]
+    # (pipeline stages other than the last compute no log-probs: None there)
+    logprobs = [(out or {}).get("logprobs") for out in [policy.compute_logprobs(shard(b)) for b in batches[:1]]]
     metrics = [policy.train_step(shard(b)) for b in batches]
     return logprobs, metrics
 
 
-def _worker(rank, world, port, path, tp, out_dir, one_valid=False, budget=None):
+def _worker(rank, world, port, path, tp, out_dir, one_valid=False, budget=None, pp=1):
     try:
         from skyrl_mtp.workers.policy import MegatronPolicy
 
-        policy = MegatronPolicy(_cfg(path, tp, one_valid, budget), rank=rank, world_size=world, master_port=port)
+        policy = MegatronPolicy(_cfg(path, tp, one_valid, budget, pp), rank=rank, world_size=world, master_port=port)
         dp, dp_rank = policy.dp_size, policy.dp_rank
         batches = _batches(one_valid)
         per = batches[0]["input_ids"].shape[0] // dp
         shard = lambda b: {k: v[dp_rank * per:(dp_rank + 1) * per] for k, v in b.items()}
         logprobs, metrics = _train(policy, batches, shard)
         hf = policy.export_hf_weights()
-        torch.save({"logprobs": logprobs, "metrics": metrics, "hf": hf}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({"logprobs": logprobs, "metrics": metrics, "hf": hf, "dp_rank": dp_rank,
+                    "last_stage": policy.stage.last}, os.path.join(out_dir, f"rank{rank}.pt"))
     except Exception:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
         raise
 
 
-def _run_two(path, tp, tmp_path, one_valid=False, budget=None):
+def _run_two(path, tp, tmp_path, one_valid=False, budget=None, pp=1):
     from skyrl_mtp.megatron.parallel import free_port
 
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(path), tp, str(tmp_path), one_valid, budget))
-             for r in range(2)]
+    world = 2 * pp
+    procs = [ctx.Process(target=_worker, args=(r, world, port, str(path), tp, str(tmp_path), one_valid, budget, pp))
+             for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -83,7 +87,7 @@ def _run_two(path, tp, tmp_path, one_valid=False, budget=None):
     errors = [f.read_text() for f in tmp_path.glob("*.err")]
     assert not errors, errors[0]
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +112,27 @@ def test_data_parallel_2_matches_1(single, tiny_ckpt, tmp_path):
     assert ranks[1]["hf"] is None  # only DP rank 0 exports
     for key in ("policy/loss", "mtp/loss", "policy/grad_norm", "mtp/grad_norm"):
         assert abs(ranks[0]["metrics"][-1][key] - single["metrics"][-1][key]) <= 1e-5 * max(1, abs(single["metrics"][-1][key]))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 4, reason="four ranks need four GPUs")
+def test_data_parallel_2_by_pipeline_parallel_2_matches_1(single, tiny_ckpt, tmp_path):
+    """Four processes: two pipelines of two stages, each pipeline training its half of every batch.
+    The gradients are reduced over DP within each stage; the head and its optimizer live on the last
+    stage of both pipelines."""
+    ranks = _run_two(tiny_ckpt, 1, tmp_path, pp=2)
+    exports = [r["hf"] for r in ranks if r["hf"] is not None]
+    assert len(exports) == 1  # DP rank 0's first stage holds the gathered export
+    _assert_close_weights(exports[0], single["hf"], 1e-5)
+    per = BATCH // 2
+    last = [r for r in ranks if r["last_stage"]]
+    assert sorted(r["dp_rank"] for r in last) == [0, 1]
+    for r in last:  # each pipeline's log-probs are its shard's rows of the single-process ones
+        rows = slice(r["dp_rank"] * per, (r["dp_rank"] + 1) * per)
+        torch.testing.assert_close(r["logprobs"][0], single["logprobs"][0][rows], rtol=0, atol=1e-5)
+        for key in ("policy/loss", "mtp/loss", "policy/grad_norm", "mtp/grad_norm"):
+            ref = single["metrics"][-1][key]
+            assert abs(r["metrics"][-1][key] - ref) <= 1e-5 * max(1, abs(ref)), key
 
 
 @pytest.mark.slow
