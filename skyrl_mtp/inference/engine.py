@@ -621,18 +621,23 @@ class RolloutEngine:
             raise WeightSyncError(f"{self._name}: finish_weight_sync({version}) before prepare_weight_sync")
         self._sync = None
         self._rollback_version = self.weight_version
+        stats = self._load_weights(version, f"applying weights of version {version}", "skyrl_finish_weight_update",
+                                   version, self.config.keep_weights_for_rollback)
+        stats.update(engine_index=self.index, version=version)
+        return stats
+
+    def _load_weights(self, version: int, what: str, rpc: str, *args) -> dict[str, Any]:
+        """Runs a worker method that reloads target and drafter; the engine then serves ``version``
+        (prefix cache reset), or, if it failed, is marked inconsistent and refuses to generate."""
         try:
-            stats = self.llm.collective_rpc("skyrl_finish_weight_update",
-                                            args=(version, self.config.keep_weights_for_rollback))[0]
+            stats = self.llm.collective_rpc(rpc, args=args)[0]
         except BaseException as exc:
             self._weights_consistent = False
-            raise RuntimeError(f"{self._name}: applying weights of version {version} failed; generation is "
-                               f"refused until a weight sync succeeds: {type(exc).__name__}: {exc}") from exc
-        # Cached KV blocks were computed with the old weights.
-        self.llm.reset_prefix_cache()
+            raise RuntimeError(f"{self._name}: {what} failed; generation is refused until a weight sync "
+                               f"succeeds: {type(exc).__name__}: {exc}") from exc
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self.weight_version = version
         self._weights_consistent = True
-        stats.update(engine_index=self.index, version=version)
         return stats
 
     def settle_weight_sync(self, version: int) -> None:
@@ -658,15 +663,8 @@ class RolloutEngine:
         if not self.config.keep_weights_for_rollback:
             raise WeightSyncError(f"{self._name}: cannot roll back to weight version {target}: no copy was kept "
                                   "(generator.weight_sync_rollback is off)")
-        try:
-            self.llm.collective_rpc("skyrl_rollback_weight_update", args=(version, target, self.config.model_path))
-        except BaseException as exc:
-            self._weights_consistent = False
-            raise RuntimeError(f"{self._name}: rolling back to weight version {target} failed; generation is "
-                               f"refused until a weight sync succeeds: {type(exc).__name__}: {exc}") from exc
-        self.llm.reset_prefix_cache()
-        self.weight_version = target
-        self._weights_consistent = True
+        self._load_weights(target, f"rolling back to weight version {target}", "skyrl_rollback_weight_update",
+                           version, target, self.config.model_path)
         self._rollback_version = None
         return target
 
