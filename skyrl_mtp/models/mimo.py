@@ -162,6 +162,13 @@ PRESETS: dict[str, MimoConfig] = {
         rope_theta=640000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
         bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
     ),
+    # MiMo-7B-RL's shapes (vocabulary rows included) with random weights and the built-in tokenizer:
+    # memory and step-time rehearsals of the 7B recipes without the checkpoint (sort task).
+    "mimo_7b_shapes": MimoConfig(
+        name="mimo_7b_shapes", vocab_size=151680, hidden_size=4096, num_layers=36, num_attention_heads=32,
+        num_query_groups=8, ffn_hidden_size=11008, num_mtp_layers=1, max_position_embeddings=32768,
+        rope_theta=640000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, tokenizer="tiny",
+    ),
 }
 
 

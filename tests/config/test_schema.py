@@ -251,3 +251,36 @@ def test_qwen3_5_9b_recipe_validates(tmp_path):
     from skyrl_mtp.models.families import config_from_pretrained
 
     assert config_from_pretrained(ckpt).layer_types == get_preset("qwen3_5_9b").layer_types
+
+
+def one_gpu_7b_overrides(model: str) -> list[str]:
+    """mimo_7b_one_gpu_dapo.sh's overrides for MODEL=<model>: the common ones plus the branch the
+    script picks (MODEL=random: MiMo-7B shapes with random weights on the sort task)."""
+    text = (REPO / "examples/train/spec_decode/mimo_7b_one_gpu_dapo.sh").read_text()
+    random_choice, checkpoint_choice = re.findall(r"choice=\((.*?)\)", text, re.S)
+    choice = random_choice if model == "random" else checkpoint_choice.replace('"$MODEL"', model)
+    return shlex.split(choice) + example_overrides()["mimo_7b_one_gpu_dapo.sh"]
+
+
+def test_one_gpu_7b_recipe_validates_with_a_checkpoint_and_as_a_random_rehearsal(tmp_path):
+    import json
+
+    from skyrl_mtp.models.mimo import get_preset
+
+    ckpt = tmp_path / "MiMo-7B-RL"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(get_preset("mimo_7b").to_hf_config("bfloat16")))
+    train = tmp_path / "train.parquet"
+    train.write_bytes(b"")
+    real = validate_config(compose_cfg(one_gpu_7b_overrides(str(ckpt)) + [f"data.train_path={train}"]))
+    rehearsal = validate_config(compose_cfg(one_gpu_7b_overrides("random")))
+    for cfg in (real, rehearsal):
+        # what makes 7B fit beside its engine on one GPU (docs/scale.md)
+        assert resolve_weight_transport(cfg) == "cuda_ipc" and cfg.generator.sleep_between_steps
+        assert cfg.megatron.optimizer_cpu_offload and cfg.megatron.use_distributed_optimizer
+        assert cfg.megatron.recompute == "full" and cfg.megatron.max_tokens_per_microbatch == 16384
+        assert cfg.trainer.mtp.enabled and cfg.trainer.mtp.num_speculative_tokens == 3
+    assert real.model.path == str(ckpt) and not real.trainer.warm_start.enabled
+    rehearsal_model = get_preset(rehearsal.model.preset)
+    assert rehearsal.model.path is None and rehearsal.data.name == "sort" and rehearsal.trainer.warm_start.enabled
+    assert (rehearsal_model.vocab_size, rehearsal_model.num_layers, rehearsal_model.hidden_size) == (151680, 36, 4096)
