@@ -4,12 +4,14 @@ clipping) and ``sft`` (the warm start's negative log-likelihood).
 
 All losses take per-token tensors ``[B, T]`` (``response_mask`` 1 on tokens that count) and the
 run's :class:`~skyrl_mtp.config.schema.AlgorithmConfig`, which is where every loss setting is
-declared. ``token_weights`` (detached, e.g. truncated importance-sampling weights from
-:mod:`skyrl_mtp.rl.tis`) multiply the per-token losses before aggregation.
+declared. Each loss is written per token and wrapped by :func:`aggregated`, which multiplies the
+per-token losses by ``token_weights`` (detached, e.g. truncated importance-sampling weights from
+:mod:`skyrl_mtp.rl.tis`) and reduces them with :func:`aggregate_loss`.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Protocol
 
 import torch
@@ -140,8 +142,27 @@ def _check_shapes(*tensors: Tensor) -> None:
                          f"{[tuple(t.shape) for t in tensors]}")
 
 
-def _weighted(losses: Tensor, token_weights: Tensor | None) -> Tensor:
-    return losses if token_weights is None else losses * token_weights.detach()
+TokenLossFn = Callable[[Tensor, Tensor, Tensor, Tensor, AlgorithmConfig], tuple[Tensor, dict[str, float]]]
+
+
+def aggregated(token_loss: TokenLossFn) -> PolicyLossFn:
+    """Turns a per-token loss ``(logprobs, old_logprobs, advantages, response_mask, config) ->
+    (losses [B, T], metrics)`` into a :class:`PolicyLossFn`: the losses are multiplied by the
+    detached ``token_weights`` and reduced by :func:`aggregate_loss` with ``config.loss_agg_mode``
+    and the given ``num_tokens`` / ``num_seqs``."""
+
+    @functools.wraps(token_loss)
+    def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, response_mask: Tensor,
+                    config: AlgorithmConfig, *, token_weights: Tensor | None = None,
+                    num_tokens: float | Tensor | None = None,
+                    num_seqs: float | Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        losses, metrics = token_loss(logprobs, old_logprobs, advantages, response_mask, config)
+        if token_weights is not None:
+            losses = losses * token_weights.detach()
+        loss = aggregate_loss(losses, response_mask, config.loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs)
+        return loss, metrics
+
+    return policy_loss
 
 
 def _clipped_surrogate(ratio: Tensor, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
@@ -171,17 +192,9 @@ def _clipped_surrogate(ratio: Tensor, logprobs: Tensor, old_logprobs: Tensor, ad
 
 
 @register_policy_loss("ppo_clip")
-def ppo_clip_loss(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    response_mask: Tensor,
-    config: AlgorithmConfig,
-    *,
-    token_weights: Tensor | None = None,
-    num_tokens: float | Tensor | None = None,
-    num_seqs: float | Tensor | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+@aggregated
+def ppo_clip_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, response_mask: Tensor,
+                  config: AlgorithmConfig) -> tuple[Tensor, dict[str, float]]:
     """PPO clipped surrogate with asymmetric clipping and optional dual clip; all inputs [B, T].
 
     Per token, with ``ratio = exp(logprobs - old_logprobs)``::
@@ -208,23 +221,13 @@ def ppo_clip_loss(
         dual_active = negative & (losses > loss_cap)
         losses = torch.where(negative, torch.minimum(losses, loss_cap), losses)
     metrics["policy/dual_clip_frac"] = masked_mean(dual_active.float(), response_mask.bool())
-    loss = aggregate_loss(_weighted(losses, token_weights), response_mask, config.loss_agg_mode,
-                          num_tokens=num_tokens, num_seqs=num_seqs)
-    return loss, metrics
+    return losses, metrics
 
 
 @register_policy_loss("gspo")
-def gspo_loss(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    response_mask: Tensor,
-    config: AlgorithmConfig,
-    *,
-    token_weights: Tensor | None = None,
-    num_tokens: float | Tensor | None = None,
-    num_seqs: float | Tensor | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+@aggregated
+def gspo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, response_mask: Tensor,
+              config: AlgorithmConfig) -> tuple[Tensor, dict[str, float]]:
     """GSPO (Group Sequence Policy Optimization): the importance ratio of a whole sequence,
     length-normalised, ``s_i = exp(mean_t(logprobs - old_logprobs))`` over its response tokens,
     clipped to ``[1 - gspo.clip_eps_low, 1 + gspo.clip_eps_high]`` (GSPO's own, much tighter
@@ -242,25 +245,13 @@ def gspo_loss(
     ratio = torch.exp(seq_log_ratio.detach() + logprobs - logprobs.detach())  # value: s_i; grad: s_i * dlogp_t
     losses, metrics = _clipped_surrogate(ratio, logprobs, old_logprobs, advantages, response_mask,
                                          config.gspo.clip_eps_low, config.gspo.clip_eps_high)
-    loss = aggregate_loss(_weighted(losses, token_weights), response_mask, config.loss_agg_mode,
-                          num_tokens=num_tokens, num_seqs=num_seqs)
-    return loss, metrics
+    return losses, metrics
 
 
 @register_policy_loss("sft")
-def sft_loss(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    response_mask: Tensor,
-    config: AlgorithmConfig,
-    *,
-    token_weights: Tensor | None = None,
-    num_tokens: float | Tensor | None = None,
-    num_seqs: float | Tensor | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+@aggregated
+def sft_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, response_mask: Tensor,
+             config: AlgorithmConfig) -> tuple[Tensor, dict[str, float]]:
     """Negative log-likelihood of the response tokens (the supervised warm start runs the same
     worker with this loss); `old_logprobs` and `advantages` are ignored."""
-    loss = aggregate_loss(_weighted(-logprobs, token_weights), response_mask, config.loss_agg_mode,
-                          num_tokens=num_tokens, num_seqs=num_seqs)
-    return loss, {}
+    return -logprobs, {}
