@@ -217,15 +217,14 @@ HYBRID_MODEL_TYPES = ("qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_mo
 def checkpoint_model_type(model_path: str) -> str | None:
     """``model_type`` of a local checkpoint directory (its text config's for multimodal ones); None
     for hub ids and directories without config.json (checked again where the model is loaded)."""
-    import json
     from pathlib import Path
 
-    cfg_file = Path(model_path) / "config.json"
-    if not cfg_file.is_file():
+    from skyrl_mtp.models.families import model_type_of
+    from skyrl_mtp.models.hf_config import read_config_json
+
+    if not (Path(model_path) / "config.json").is_file():
         return None
-    hf = json.loads(cfg_file.read_text())
-    text = hf.get("text_config") or {}
-    return text.get("model_type") or hf.get("model_type")
+    return model_type_of(read_config_json(model_path))
 
 
 def _check_hybrid(config: RolloutConfig) -> None:

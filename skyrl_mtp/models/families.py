@@ -8,8 +8,9 @@ presets. A family's config carries ``family`` ("mimo" when absent) and
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from skyrl_mtp.models.hf_config import read_config_json
 
 # config.json model_type -> family (the text model types of vLLM's Qwen3.5 loaders; MiMo is qwen2).
 QWEN3_5_MODEL_TYPES = ("qwen3_5_text", "qwen3_5")
@@ -51,10 +52,7 @@ def config_from_hf(hf: dict, name: str = "hf"):
 
 def config_from_pretrained(path: str | Path):
     """The family config of an HF checkpoint directory."""
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} not found: expected an HF checkpoint directory")
-    return config_from_hf(json.loads(cfg_file.read_text()), name=str(path))
+    return config_from_hf(read_config_json(path), name=str(path))
 
 
 def num_mtp_layers_in(hf: dict) -> int:

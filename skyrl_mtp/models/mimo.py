@@ -16,9 +16,10 @@ tensors; vLLM's drafter uses them, sharing ``embed_tokens`` and ``lm_head`` with
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from skyrl_mtp.models.hf_config import first_token_id, read_config_json
 
 # Special token ids of the tiny tokenizer (skyrl_mtp.models.tokenizer builds it with these).
 TINY_PAD_ID, TINY_BOS_ID, TINY_EOS_ID, TINY_UNK_ID = 0, 1, 2, 3
@@ -122,22 +123,13 @@ class MimoConfig:
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             init_std=hf.get("initializer_range", 0.02),
             bos_token_id=hf.get("bos_token_id") if hf.get("bos_token_id") is not None else TINY_BOS_ID,
-            eos_token_id=_first(hf.get("eos_token_id"), TINY_EOS_ID),
+            eos_token_id=first_token_id(hf.get("eos_token_id"), TINY_EOS_ID),
             pad_token_id=hf.get("pad_token_id") if hf.get("pad_token_id") is not None else TINY_PAD_ID,
         )
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "MimoConfig":
-        cfg_file = Path(path) / "config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"{cfg_file} not found: expected an HF checkpoint directory")
-        return cls.from_hf_config(json.loads(cfg_file.read_text()), name=str(path))
-
-
-def _first(value, default):
-    if isinstance(value, list):
-        return value[0] if value else default
-    return default if value is None else value
+        return cls.from_hf_config(read_config_json(path), name=str(path))
 
 
 PRESETS: dict[str, MimoConfig] = {

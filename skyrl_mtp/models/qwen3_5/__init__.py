@@ -24,10 +24,10 @@ HF layout (what transformers' ``Qwen3_5ForCausalLM`` and vLLM's ``Qwen3_5ForCaus
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from skyrl_mtp.models.hf_config import first_token_id, read_config_json
 from skyrl_mtp.models.mimo import TINY_BOS_ID, TINY_EOS_ID, TINY_PAD_ID
 
 FAMILY = "qwen3_5"
@@ -180,7 +180,7 @@ class Qwen35Config:
             mrope_section=tuple(rope["mrope_section"]) if rope.get("mrope_section") else None,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6), tie_word_embeddings=hf.get("tie_word_embeddings", False),
             init_std=hf.get("initializer_range", 0.02),
-            bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")),
+            bos_token_id=hf.get("bos_token_id"), eos_token_id=first_token_id(hf.get("eos_token_id")),
             pad_token_id=hf.get("pad_token_id"),
         )
         if hf.get("layer_types") is not None and tuple(hf["layer_types"]) != out.layer_types:
@@ -190,10 +190,7 @@ class Qwen35Config:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Qwen35Config":
-        cfg_file = Path(path) / "config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"{cfg_file} not found: expected an HF checkpoint directory")
-        return cls.from_hf_config(json.loads(cfg_file.read_text()), name=str(path))
+        return cls.from_hf_config(read_config_json(path), name=str(path))
 
     # ------------------------------------------------------------------ tensors
     def hf_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -260,12 +257,6 @@ class Qwen35Config:
                     else self.init_std
                 out[name] = torch.randn(shape, generator=gen) * std
         return out
-
-
-def _first(value):
-    if isinstance(value, list):
-        return value[0] if value else None
-    return value
 
 
 PRESETS: dict[str, Qwen35Config] = {
