@@ -28,6 +28,15 @@ from skyrl_mtp.models.checkpoint import validate_hf_state_dict
 from skyrl_mtp.models.mimo import MimoConfig
 
 
+def pad_vocab_rows(w: torch.Tensor, padded_vocab: int) -> torch.Tensor:
+    """`w` (vocabulary rows first) with zero rows appended up to `padded_vocab` (Megatron's padded
+    vocabulary, or a TP rank's share of it)."""
+    extra = padded_vocab - w.shape[0]
+    if extra < 0:
+        raise ValueError(f"vocab rows {w.shape[0]} exceed Megatron's padded vocab {padded_vocab}")
+    return torch.cat([w, w.new_zeros(extra, *w.shape[1:])]) if extra else w
+
+
 def mtp_submodule_name() -> str:
     """Name of the decoder layer inside Megatron's MTP layer, for the installed megatron-core."""
     from skyrl_mtp.megatron.compat import mcore_version
@@ -106,24 +115,18 @@ class MimoBridge:
         out[f"{h}.mlp.gate_proj.weight"], out[f"{h}.mlp.up_proj.weight"] = gate, up
         out[f"{h}.mlp.down_proj.weight"] = mc[f"{m}.mlp.linear_fc2.weight"]
 
-    # ---------------------------------------------------------------- vocab
-    def _pad_vocab(self, w: torch.Tensor) -> torch.Tensor:
-        extra = self.padded_vocab - w.shape[0]
-        if extra < 0:
-            raise ValueError(f"vocab rows {w.shape[0]} exceed Megatron's padded vocab {self.padded_vocab}")
-        return torch.cat([w, w.new_zeros(extra, *w.shape[1:])]) if extra else w
-
     # ---------------------------------------------------------------- public
     def hf_to_megatron(self, hf: dict[str, torch.Tensor], *, with_mtp: bool = True,
                        source: str = "HF state dict") -> dict[str, torch.Tensor]:
         """Full Megatron state dict (trunk, and the MTP layers if with_mtp) from HF tensors."""
         validate_hf_state_dict(self.cfg, hf, require_mtp=with_mtp, source=source)
-        out: dict[str, torch.Tensor] = {"embedding.word_embeddings.weight": self._pad_vocab(hf["model.embed_tokens.weight"])}
+        out: dict[str, torch.Tensor] = {
+            "embedding.word_embeddings.weight": pad_vocab_rows(hf["model.embed_tokens.weight"], self.padded_vocab)}
         for m, h in self._layer_pairs("decoder.layers", "model.layers"):
             self._layer_to_mc(hf, h, m, out)
         out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
         if not self.cfg.tie_word_embeddings:
-            out["output_layer.weight"] = self._pad_vocab(hf["lm_head.weight"])
+            out["output_layer.weight"] = pad_vocab_rows(hf["lm_head.weight"], self.padded_vocab)
         if with_mtp:
             hsz = self.cfg.hidden_size
             for j in range(self.cfg.num_mtp_layers):
@@ -190,8 +193,7 @@ class MimoBridge:
         def vocab(name: str) -> torch.Tensor:
             start, stop = share(self.padded_vocab)
             real = min(stop, c.vocab_size)
-            w = rows(name, start, real) if real > start else reader.get_slice(name)[0:0]
-            return torch.cat([w, w.new_zeros(stop - start - w.shape[0], *w.shape[1:])]) if w.shape[0] < stop - start else w
+            return pad_vocab_rows(rows(name, start, real) if real > start else reader.get_slice(name)[0:0], stop - start)
 
         def layer(h: str, m: str, out: dict) -> None:
             ln1, ln2 = self._norm_names(m)

@@ -447,25 +447,20 @@ class Qwen35Bridge:
                                      ("out_norm.weight", "norm.weight"), ("out_proj.weight", "out_proj.weight")):
                 out[f"{a}.{hf_name}"] = mc[f"{s}.{mc_name}"]
 
-    def _pad_vocab(self, w: torch.Tensor) -> torch.Tensor:
-        extra = self.padded_vocab - w.shape[0]
-        if extra < 0:
-            raise ValueError(f"vocab rows {w.shape[0]} exceed Megatron's padded vocab {self.padded_vocab}")
-        return torch.cat([w, w.new_zeros(extra, *w.shape[1:])]) if extra else w
-
     # ------------------------------------------------------------ public (same contract as MimoBridge)
     def hf_to_megatron(self, hf: dict[str, torch.Tensor], *, with_mtp: bool = True,
                        source: str = "HF state dict") -> dict[str, torch.Tensor]:
+        from skyrl_mtp.megatron.bridge import pad_vocab_rows
         from skyrl_mtp.models.checkpoint import validate_hf_state_dict
 
         hf = text_only_names(hf)
         validate_hf_state_dict(self.cfg, hf, require_mtp=with_mtp, source=source)
-        out = {"embedding.word_embeddings.weight": self._pad_vocab(hf["model.embed_tokens.weight"])}
+        out = {"embedding.word_embeddings.weight": pad_vocab_rows(hf["model.embed_tokens.weight"], self.padded_vocab)}
         for i, kind in enumerate(self.cfg.layer_types):
             self._layer_to_mc(hf, f"model.layers.{i}", f"decoder.layers.{i}", kind, out)
         out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
         if not self.cfg.tie_word_embeddings:
-            out["output_layer.weight"] = self._pad_vocab(hf["lm_head.weight"])
+            out["output_layer.weight"] = pad_vocab_rows(hf["lm_head.weight"], self.padded_vocab)
         if with_mtp:
             _check_mtp(self.cfg)
             m = "mtp.layers.0"
