@@ -8,9 +8,11 @@ THD path), the MTP head's roll stays inside each sequence (``roll_tensor``'s pac
 TransformerEngine's attention (the TE layer spec, on GPUs) attends within each sequence only.
 
 Megatron's local ``DotProductAttention`` (the layer spec without TE: CPU, or GPUs without TE)
-refuses packed input. :class:`PackedDotProductAttention` takes it: the same attention math through
-a block-diagonal causal mask built from cu_seqlens. It is dense (``T x T`` scores per head), so
-exact but O(T^2) in memory: the varlen kernel that avoids this is TE's.
+refuses packed input. :class:`PackedDotProductAttention` takes it: the same attention math run on
+each sequence of the pack with its own causal mask, so the scores cost ``sum(l_i^2)`` per head,
+what the padded rows would, rather than ``T^2`` for the whole pack (a dense block-diagonal mask
+over the pack made packing slower than padding on CPU: 0.82x train tokens/s in
+``scripts/bench_packing.py``). On GPUs the varlen kernel is TE's.
 """
 
 from __future__ import annotations
@@ -33,24 +35,13 @@ def packed_seq_params(lengths: list[int], device: torch.device | str) -> PackedS
                            max_seqlen_kv=longest)
 
 
-def block_causal_mask(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """``[1, 1, T, T]`` boolean mask in Megatron's convention (True = masked): position i attends
-    to j only if j <= i and both lie in the same segment of cu_seqlens."""
-    cu = cu_seqlens.long()
-    total = int(cu[-1])
-    segment = torch.repeat_interleave(torch.arange(len(cu) - 1, device=cu.device), cu[1:] - cu[:-1])
-    pos = torch.arange(total, device=cu.device)
-    allowed = (segment[:, None] == segment[None, :]) & (pos[None, :] <= pos[:, None])
-    return (~allowed)[None, None]
-
-
 class PackedDotProductAttention(DotProductAttention):
     """Megatron's local core attention, also for packed (THD) input.
 
     Packed, Megatron's attention module hands the core attention ``[t, heads, dim]`` tensors
-    (the batch dim of 1 squeezed out) and wants ``[t, heads * dim]``-shaped output back; this
-    restores the batch dim, masks with :func:`block_causal_mask` and runs the unchanged dense
-    path. Unpacked input goes to DotProductAttention as is.
+    (the batch dim of 1 squeezed out) and wants ``[t, 1, heads * dim]`` back; this runs the
+    unchanged dense path on each sequence ``[cu[i], cu[i + 1])`` with a causal mask and
+    concatenates the results. Unpacked input goes to DotProductAttention as is.
     """
 
     def __init__(self, *args, **kwargs):
@@ -68,11 +59,18 @@ class PackedDotProductAttention(DotProductAttention):
             raise ValueError(f"PackedDotProductAttention takes qkv_format='thd', got {packed_seq_params.qkv_format!r}")
         if not torch.equal(packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv):
             raise ValueError("PackedDotProductAttention is self-attention: cu_seqlens_q must equal cu_seqlens_kv")
-        mask = block_causal_mask(packed_seq_params.cu_seqlens_q.to(query.device))
-        if mask.shape[-1] != query.shape[0]:
-            raise ValueError(f"cu_seqlens cover {mask.shape[-1]} tokens, the packed input has {query.shape[0]}")
-        return super().forward(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), mask,
-                               attn_mask_type=attn_mask_type, attention_bias=attention_bias)
+        bounds = packed_seq_params.cu_seqlens_q.tolist()
+        if bounds[-1] != query.shape[0]:
+            raise ValueError(f"cu_seqlens cover {bounds[-1]} tokens, the packed input has {query.shape[0]}")
+        outputs = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if end == start:
+                continue
+            causal = torch.ones(end - start, end - start, dtype=torch.bool, device=query.device).triu(1)[None, None]
+            outputs.append(super().forward(query[start:end].unsqueeze(1), key[start:end].unsqueeze(1),
+                                           value[start:end].unsqueeze(1), causal, attn_mask_type=attn_mask_type,
+                                           attention_bias=attention_bias))
+        return torch.cat(outputs, dim=0)
 
 
 def with_packed_attention(layer_spec):

@@ -1,5 +1,5 @@
-"""Packed sequences (THD) through Megatron on the local layer spec: the block-diagonal causal mask,
-and a packed trunk + MTP head against the float64 MiMo reference run on each sequence alone."""
+"""Packed sequences (THD) through Megatron on the local layer spec: a packed trunk + MTP head
+against the float64 MiMo reference run on each sequence alone."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from skyrl_mtp.megatron.bridge import load_module_state, make_bridge, mtp_submodule_name, split_trunk_and_mtp
 from skyrl_mtp.megatron.model_builder import BuildOptions, build_mtp_block, build_trunk, causal_mask
-from skyrl_mtp.megatron.packed_attention import PackedDotProductAttention, block_causal_mask, packed_seq_params
+from skyrl_mtp.megatron.packed_attention import PackedDotProductAttention, packed_seq_params
 from skyrl_mtp.models.checkpoint import random_hf_state_dict
 from skyrl_mtp.models.mimo import get_preset
 from skyrl_mtp.mtp.replay import MtpCapture, mtp_logits, replay_mtp
@@ -16,16 +16,6 @@ from tests.megatron.test_model_parity import reference_mimo
 
 LENGTHS = [5, 9, 3, 7]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def test_block_causal_mask():
-    allowed = ~block_causal_mask(torch.tensor([0, 2, 5], dtype=torch.int32))[0, 0]
-    want = torch.tensor([[1, 0, 0, 0, 0],
-                         [1, 1, 0, 0, 0],
-                         [0, 0, 1, 0, 0],
-                         [0, 0, 1, 1, 0],
-                         [0, 0, 1, 1, 1]], dtype=torch.bool)
-    assert torch.equal(allowed, want)
 
 
 def _models(cfg, hf, packed: bool):
