@@ -1,7 +1,8 @@
 """Weights and measurements shared by the weight-sync tests (not a test module).
 
 - ``peaked_state`` / ``perturbed``: random tiny-preset weights whose greedy argmax gaps dwarf the
-  float differences between vLLM's CPU kernels and transformers;
+  float differences between vLLM's CPU kernels and transformers; ``save_checkpoints`` writes
+  one of them and perturbations of it as checkpoints;
 - ``fixed_token_target`` + ``with_good_head`` / ``with_random_head``: a target that always emits
   one token and an MTP head that always drafts it (acceptance 1) or never does (acceptance 0);
 - ``hf_greedy``: the independent reference, transformers float32 with a plain argmax loop;
@@ -10,10 +11,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from skyrl_mtp.inference.config import SamplingConfig
-from skyrl_mtp.models.checkpoint import random_hf_state_dict
+from skyrl_mtp.models.checkpoint import random_hf_state_dict, save_hf_checkpoint
 from skyrl_mtp.models.mimo import get_preset
 
 CFG = get_preset("tiny")
@@ -40,6 +43,19 @@ def perturbed(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tens
     for name, t in state.items():
         scale = 2.0 if name == "lm_head.weight" else 0.02
         out[name] = t + scale * torch.randn(t.shape, generator=gen)
+    return out
+
+
+def save_checkpoints(root: Path, seed: int, names: str) -> dict:
+    """Checkpoints under `root`, one per letter of `names`: the first ``peaked_state(seed)``, the
+    i-th after it ``perturbed(first, seed + i)``. Returns each state under its letter and its
+    directory under ``<letter>_dir``."""
+    first = peaked_state(seed)
+    out = {}
+    for i, name in enumerate(names):
+        out[name] = first if i == 0 else perturbed(first, seed=seed + i)
+        save_hf_checkpoint(CFG, out[name], root / name)
+        out[f"{name}_dir"] = str(root / name)
     return out
 
 

@@ -18,7 +18,6 @@ tiny checkpoint, shared by the module.
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -110,17 +109,6 @@ def test_shard_bounds_balance_contiguously():
 # ----------------------------------------------------------------------------------------------
 # Two real engines
 # ----------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ.pop("RAY_ADDRESS", None)  # never attach to a cluster someone else runs
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             object_store_memory=256 << 20)
-    yield ray
-    ray.shutdown()
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):

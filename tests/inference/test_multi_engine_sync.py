@@ -34,20 +34,17 @@ Reference: transformers float32 greedy on checkpoints of the same weights (``syn
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from sync_helpers import (
     BUCKET_BYTES,
-    CFG,
     GREEDY,
     PROMPTS,
     acceptance_at_temperature_one,
     fixed_token_target,
     hf_greedy,
+    save_checkpoints,
     peaked_state,
-    perturbed,
     with_good_head,
     with_random_head,
 )
@@ -56,7 +53,6 @@ from skyrl_mtp.inference.config import RolloutConfig
 from skyrl_mtp.inference.engine import WEIGHT_SYNC_FAULT_ENV, parse_weight_sync_faults
 from skyrl_mtp.inference.remote import MixedWeightVersionsError, RolloutEngineError, WeightCommitError
 from skyrl_mtp.inference.transports.ray import RayObjectStoreTransport
-from skyrl_mtp.models.checkpoint import save_hf_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -113,25 +109,8 @@ def test_broadcast_group_moves_every_bucket_exactly():
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ.pop("RAY_ADDRESS", None)  # never attach to a cluster someone else runs
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             object_store_memory=256 << 20)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    a = peaked_state(5)
-    b = perturbed(a, seed=6)
-    c = perturbed(a, seed=7)
-    for name, state in (("a", a), ("b", b), ("c", c)):
-        save_hf_checkpoint(CFG, state, root / name)
-    return {"a": a, "b": b, "c": c, **{f"{n}_dir": str(root / n) for n in "abc"}}
+    return save_checkpoints(tmp_path_factory.mktemp("ckpt"), seed=5, names="abc")
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,6 @@ The weights and the reference live in ``sync_helpers.py`` (shared with test_mult
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -31,14 +29,13 @@ from sync_helpers import (
     greedy_tokens,
     hf_greedy,
     peaked_state,
-    perturbed,
+    save_checkpoints,
     with_good_head,
     with_random_head,
 )
 
 from skyrl_mtp.inference.config import RolloutConfig
 from skyrl_mtp.inference.transports.buckets import StagedWeights, TensorPiece, iter_buckets, split_rows, to_wire
-from skyrl_mtp.models.checkpoint import save_hf_checkpoint
 
 # ----------------------------------------------------------------------------------------------
 # Pure bucketing / staging
@@ -88,24 +85,8 @@ def test_wire_tensors_do_not_carry_their_parent_storage():
 # ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ.pop("RAY_ADDRESS", None)  # never attach to a cluster someone else runs
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             object_store_memory=256 << 20)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    a = peaked_state(3)
-    b = perturbed(a, seed=4)
-    save_hf_checkpoint(CFG, a, root / "a")
-    save_hf_checkpoint(CFG, b, root / "b")
-    return {"a_dir": str(root / "a"), "b_dir": str(root / "b"), "a": a, "b": b}
+    return save_checkpoints(tmp_path_factory.mktemp("ckpt"), seed=3, names="ab")
 
 
 @pytest.fixture(scope="module")
