@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny checkpoints and a Megatron process group for in-process model tests."""
+"""Shared fixtures: tiny checkpoints, a Megatron process group for in-process model tests, and the CPU
+search task with its retrieval server."""
 
 from __future__ import annotations
 
@@ -41,3 +42,20 @@ def megatron_single():
     yield
     destroy_megatron()
     cpu_support.deactivate()
+
+
+@pytest.fixture(scope="module")
+def task():
+    """The CPU search task (``SearchTask()``: its corpus, facts and examples)."""
+    from skyrl_mtp.data.search_task import SearchTask
+
+    return SearchTask()
+
+
+@pytest.fixture(scope="module")
+def server(task):
+    """A retrieval server on loopback over the search task's corpus; stopped after the module."""
+    from skyrl_mtp.envs.retrieval import start_retrieval_server
+
+    with start_retrieval_server(task.corpus()) as srv:
+        yield srv

@@ -13,20 +13,9 @@ import pytest
 
 from skyrl_mtp.data.search_task import RESERVED, SearchTask, guessed_answer_trajectory, search_sft_trajectory
 from skyrl_mtp.envs import SearchEnv
-from skyrl_mtp.envs.retrieval import RetrievalClient, load_corpus, start_retrieval_server
+from skyrl_mtp.envs.retrieval import RetrievalClient, load_corpus
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def task():
-    return SearchTask()
-
-
-@pytest.fixture(scope="module")
-def server(task):
-    with start_retrieval_server(task.corpus()) as srv:
-        yield srv
 
 
 def test_corpus_is_deterministic_and_well_formed(task):

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from skyrl_mtp.data.search_task import SearchTask
 from skyrl_mtp.envs.retrieval import (
     BM25Index,
     RetrievalBadResponse,
@@ -63,12 +62,8 @@ def reference_bm25(docs, query, k1=1.5, b=0.75):
 
 
 @pytest.fixture(scope="module")
-def task():
-    return SearchTask()
-
-
-@pytest.fixture(scope="module")
 def server(task):
+    """The conftest's server, taking 64 requests at once (the concurrency test sends 200)."""
     with start_retrieval_server(task.corpus(), max_concurrency=64) as srv:
         yield srv
 

@@ -9,24 +9,12 @@ import time
 import pytest
 
 from skyrl_mtp.config.schema import EnvConfig
-from skyrl_mtp.data.search_task import SearchTask
 from skyrl_mtp.envs import EnvStep, SearchEnv, get_env, search_exact_reward
-from skyrl_mtp.envs.retrieval import RetrievalClient, start_retrieval_server
+from skyrl_mtp.envs.retrieval import RetrievalClient
 from skyrl_mtp.envs.search import parse_action
 from skyrl_mtp.rewards import get_reward
 
 COUNTERS = {"tool_calls", "tool_errors", "parse_errors"}
-
-
-@pytest.fixture(scope="module")
-def task():
-    return SearchTask()
-
-
-@pytest.fixture(scope="module")
-def server(task):
-    with start_retrieval_server(task.corpus()) as srv:
-        yield srv
 
 
 @pytest.fixture
