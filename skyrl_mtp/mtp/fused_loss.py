@@ -48,7 +48,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from skyrl_mtp.mtp._vocab_parallel import VocabShard, owned_local_index
+from skyrl_mtp.mtp._vocab_parallel import (
+    VocabShard,
+    all_gather_last_dim,
+    all_reduce_max,
+    all_reduce_sum,
+    group_rank_and_size,
+    owned_local_index,
+)
 
 # Rows per chunk: bounds the one chunk's logits buffer (2048 x 151,936 bf16 = 594 MiB) while
 # keeping the matmuls large enough to run at cuBLAS's full rate.
@@ -208,28 +215,20 @@ class Collectives(Protocol):
 
 
 class DistCollectives:
-    """torch.distributed over `group` (no-ops for a group of one)."""
+    """torch.distributed over the shard's group: :mod:`skyrl_mtp.mtp._vocab_parallel`'s collectives
+    (no-ops for a group of one)."""
 
-    def __init__(self, group: dist.ProcessGroup | None, size: int) -> None:
-        self.group, self.size = group, size
+    def __init__(self, shard: VocabShard) -> None:
+        self.shard = shard
 
     def all_reduce_max(self, tensor: Tensor) -> Tensor:
-        if self.size > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
-        return tensor
+        return all_reduce_max(tensor, self.shard)
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
-        if self.size > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
-        return tensor
+        return all_reduce_sum(tensor, self.shard)
 
     def all_gather_last_dim(self, tensor: Tensor) -> Tensor:
-        if self.size == 1:
-            return tensor
-        tensor = tensor.contiguous()
-        parts = [torch.empty_like(tensor) for _ in range(self.size)]
-        dist.all_gather(parts, tensor, group=self.group)
-        return torch.cat(parts, dim=-1)
+        return all_gather_last_dim(tensor, self.shard)
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,13 +303,12 @@ def fused_linear_draft_loss(
     if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be None or an int >= 1; got {chunk_rows!r}")
 
-    rank, size = tp_rank_and_size if tp_rank_and_size is not None else (
-        (dist.get_rank(tp_group), dist.get_world_size(tp_group)) if tp_group is not None else (0, 1))
+    rank, size = tp_rank_and_size if tp_rank_and_size is not None else group_rank_and_size(tp_group)
     shard = VocabShard(group=tp_group, rank=rank, size=size, local_size=weight.shape[0],
                        vocab_size=_check_vocab_size(vocab_size, weight.shape[0], size))
     if loss_type == "topk_soft_ce":
         _check_topk(topk, shard.vocab_size)
-    comm = collectives if collectives is not None else DistCollectives(tp_group, size)
+    comm = collectives if collectives is not None else DistCollectives(shard)
     weights = mask.to(torch.float32)
     total = weights.sum()
     if not bool(total > 0):
