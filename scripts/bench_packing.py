@@ -18,13 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
-import tempfile
-import time
 
 import torch
+from bench_common import run_variants, time_train_steps
 
 
 def rl_batch(batch: int, seq: int, prompt_len: int, median_len: int, vocab: int, seed: int = 0) -> dict:
@@ -54,21 +50,9 @@ def run_variant(args) -> dict:
     batch = rl_batch(args.batch, args.seq, args.prompt_len, args.median_len, min(policy.model_cfg.vocab_size, 30000))
     counted = sum(sequence_lengths(batch["loss_mask"]))
     padded_tokens = batch["input_ids"].numel()
-    times = []
-    for step in range(args.warmup + args.steps):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        policy.train_step(batch)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    out = {"median_s": median, "min_s": min(times), "counted_tokens": counted, "padded_tokens": padded_tokens,
-           "train_tokens_per_s": counted / median}
-    if torch.cuda.is_available():
-        out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    out = {**time_train_steps(policy, lambda step: batch, args.warmup, args.steps), "counted_tokens": counted,
+           "padded_tokens": padded_tokens}
+    out["train_tokens_per_s"] = counted / out["median_s"]
     return out
 
 
@@ -95,22 +79,12 @@ def main() -> dict:
         print(json.dumps(run_variant(args)))
         return {}
 
-    from skyrl_mtp.models.checkpoint import random_hf_state_dict, save_hf_checkpoint
     from skyrl_mtp.models.families import get_preset
 
     model = get_preset(args.preset)
     if args.layers is not None:
         model = model.replace(num_layers=args.layers)
-    path = tempfile.mkdtemp(prefix="bench_packing_") + "/model"
-    save_hf_checkpoint(model, random_hf_state_dict(model, 0), path)
-    results = {}
-    for name in ("padded", "packed"):
-        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", name, "--model-path", path],
-                              stdout=subprocess.PIPE, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"bench_packing: the {name} run failed (exit {proc.returncode}); see its stderr above")
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
+    results = run_variants(__file__, ("padded", "packed"), model, "bench_packing")
     report = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "preset": args.preset, "layers": model.num_layers, "batch": args.batch, "seq": args.seq,
               "micro_batch": args.micro_batch, "budget": args.budget, "dtype": args.dtype, "mtp": args.mtp,

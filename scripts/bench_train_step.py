@@ -14,14 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
-import tempfile
-import time
 from dataclasses import replace
 
 import torch
+from bench_common import run_variants, time_train_steps
 
 
 def main() -> dict:
@@ -49,19 +45,10 @@ def main() -> dict:
         print(json.dumps(run_variant(args)))
         return {}
 
-    from skyrl_mtp.models.checkpoint import random_hf_state_dict, save_hf_checkpoint
+    from skyrl_mtp.models.checkpoint import random_hf_state_dict
 
     model = bench_model(args)
-    path = tempfile.mkdtemp(prefix="bench_train_step_") + "/model"
-    save_hf_checkpoint(model, random_hf_state_dict(model, 0), path)
-    results = {}
-    for name in ("mtp_off", "mtp_on"):
-        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", name, "--model-path", path],
-                              stdout=subprocess.PIPE, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"bench_train_step: the {name} run failed (exit {proc.returncode}); see its stderr above")
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
+    results = run_variants(__file__, ("mtp_off", "mtp_on"), model, "bench_train_step")
     n_params = sum(v.numel() for v in random_hf_state_dict(model.replace(num_mtp_layers=0), 0).values()) \
         if args.hidden <= 512 else None
     report = {
@@ -98,21 +85,13 @@ def run_variant(args) -> dict:
                                                       mtp_loss_chunk_size=args.chunk_size))
     mtp = MtpConfig(enabled=True, num_speculative_tokens=args.depths, loss_type=args.loss_type, topk=args.topk)
     policy = MegatronPolicy(base if args.variant == "mtp_off" else replace(base, mtp=mtp))
-    times = []
-    for step in range(args.warmup + args.steps):
+
+    def batch_for_step(step: int) -> dict:
         batch = synthetic_batch(step, min(args.vocab, 30000), args.batch, args.seq, args.seq // 4)
         batch["old_logprobs"] = torch.zeros(args.batch, args.seq)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        policy.train_step(batch)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    result = {"median_s": statistics.median(times), "min_s": min(times)}
-    if torch.cuda.is_available():
-        result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return batch
+
+    result = time_train_steps(policy, batch_for_step, args.warmup, args.steps)
     return result
 
 
