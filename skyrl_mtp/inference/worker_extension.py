@@ -127,19 +127,6 @@ def reload_target_and_drafter(worker: Any, weights: list[tuple[str, torch.Tensor
     return {"api": api, "drafter": draft is not None, "apply_s": time.perf_counter() - start}
 
 
-def read_checkpoint(checkpoint_dir: str) -> list[tuple[str, torch.Tensor]]:
-    """Every tensor of the safetensors checkpoint in ``checkpoint_dir`` (HF names), on the host."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    files = sorted(Path(checkpoint_dir).glob("*.safetensors")) if Path(checkpoint_dir).is_dir() else []
-    if not files:
-        raise RuntimeError(f"cannot read the start-up weights back: {checkpoint_dir!r} is not a directory of "
-                           "*.safetensors files (the engine was started from a hub id or another format)")
-    return [item for f in files for item in load_file(f, device="cpu").items()]
-
-
 class WeightSyncWorkerExtension:
     """Methods mixed into vLLM's worker class (``LLM(worker_extension_cls=WORKER_EXTENSION)``),
     called through ``LLM.collective_rpc``. They run in every worker process of the engine."""
@@ -229,8 +216,10 @@ class WeightSyncWorkerExtension:
         self._skyrl_injected_fault("rollback", failed_version)
         if kept is not None and kept[0] == target_version:
             weights = kept[1]
-        elif target_version == 0:
-            weights = read_checkpoint(checkpoint_dir)
+        elif target_version == 0:  # the start-up checkpoint
+            from skyrl_mtp.models.checkpoint import load_hf_state_dict
+
+            weights = list(load_hf_state_dict(checkpoint_dir).items())
         else:
             held = None if kept is None else kept[0]
             raise RuntimeError(f"cannot roll back to weight version {target_version}: this worker keeps no copy of "
