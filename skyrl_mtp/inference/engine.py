@@ -85,8 +85,8 @@ class WeightSyncError(RuntimeError):
 
 # Fault injection for drills of the all-or-nothing sync (and the tests): "<phase>@<engine>" or
 # "<phase>@<engine>:<version>", comma-separated; phase "prepare" (validation of the staged set),
-# "commit" (the apply, between target and drafter) or "rollback" (after a failed commit). Read by each engine at start-up; Ray passes
-# the driver's environment to its actors.
+# "commit" (the apply, between target and drafter) or "rollback" (after a failed commit). Read by
+# each engine at start-up; Ray passes the driver's environment to its actors.
 WEIGHT_SYNC_FAULT_ENV = "SKYRL_MTP_WEIGHT_SYNC_FAULT"
 
 
