@@ -175,6 +175,8 @@ class TrainerConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval_every: int = 0  # steps; 0: only at the end
     eval_greedy: bool = True
+    # steps between checkpoints, and one at the end; 0: none (a 7B policy's Adam state is ~100 GB);
+    # the final HF export is written either way
     save_every: int = 5
     keep_last_n: int = 2
     resume: str = "auto"  # auto | none | a checkpoint directory
@@ -258,9 +260,13 @@ class MegatronConfig:
     # Activation recompute (docs/scale.md): none | selective (Megatron's recompute_granularity=
     # selective on core attention) | full (granularity full, method uniform, 1 layer per unit)
     recompute: str = "none"
-    # Megatron's HybridDeviceOptimizer: the distributed optimizer's Adam state and step on the host
-    # (GPU workers only; needs use_distributed_optimizer; adam only)
+    # Megatron's HybridDeviceOptimizer: the distributed optimizer's fp32 master weights, Adam state
+    # and step on the host (GPU workers only; needs use_distributed_optimizer; adam only)
     optimizer_cpu_offload: bool = False
+    # Share of the optimizer (by parameter count) stepped on the host. It holds ~16 bytes per
+    # offloaded parameter (fp32 master, pinned fp32 gradient, two Adam moments): 1.0 puts 125 GB
+    # of a 7.8B model on the host; lower it where host memory is smaller (the rest stays on GPU).
+    optimizer_offload_fraction: float = 1.0
     # Sequence packing: each micro-batch holds whole sequences back to back, without padding, up
     # to this many tokens (replaces micro_batch_size). null: micro_batch_size rows padded to the
     # longest. Must hold the longest possible sequence (data.max_prompt_length +
@@ -543,6 +549,9 @@ def validate_config(cfg: Config) -> Config:
         for key, optim in _optimizers(cfg):
             if optim.optimizer != "adam":
                 bad(f"{key}.optimizer", optim.optimizer, "megatron.optimizer_cpu_offload supports adam only")
+        if not 0.0 < m.optimizer_offload_fraction <= 1.0:
+            bad("megatron.optimizer_offload_fraction", m.optimizer_offload_fraction,
+                "the share of the optimizer stepped on the host must be in (0, 1]")
     elif m.use_distributed_optimizer:
         for key, optim in _optimizers(cfg):
             if optim.optimizer != "adam":

@@ -69,7 +69,12 @@ class RLTrainer:
         init = self.run_dir / "init_model"
         if not (init / "config.json").is_file():
             preset = get_preset(m.preset)
-            save_hf_checkpoint(preset, random_hf_state_dict(preset, m.init_seed), init)
+            # bf16 where policy and engines both run bf16 (half the bytes to write and read: 15.6 GB
+            # at 7.8B), in HF-sized shards; fp32 otherwise (the CPU demo trains in fp32)
+            bf16 = self.cfg.megatron.params_dtype == "bfloat16" and self.cfg.generator.dtype == "bfloat16"
+            dtype = "bfloat16" if bf16 else "float32"
+            save_hf_checkpoint(preset, random_hf_state_dict(preset, m.init_seed, getattr(torch, dtype)), init,
+                               torch_dtype=dtype, max_shard_bytes=EXPORT_SHARD_BYTES)
         if not (t.warm_start.enabled and self.cfg.data.name in WARM_START_TASKS):
             return init
         from transformers import AutoTokenizer
@@ -452,7 +457,7 @@ class RLTrainer:
                 metrics["timing/step_s"] = time.time() - start
                 tracker.log(metrics, self.step)
                 last = metrics
-                if (t.save_every and self.step % t.save_every == 0) or self.step == t.total_steps:
+                if t.save_every and (self.step % t.save_every == 0 or self.step == t.total_steps):
                     self.save()
         finally:
             tracker.close()

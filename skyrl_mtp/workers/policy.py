@@ -48,7 +48,8 @@ def _make_optimizer(module, config, optim: OptimConfig, params_dtype, mg: Megatr
     DistributedOptimizer keeps this DP rank's shard of the Adam state (and of the fp32 main params),
     then all-gathers the updated parameters; its grad norm is reduced over the DP x TP ranks that
     hold the shards, still over this module's parameters only. ``mg.optimizer_cpu_offload`` puts
-    that shard's state and step on the host (Megatron's HybridDeviceOptimizer, fraction 1)."""
+    ``mg.optimizer_offload_fraction`` of that shard's state and step on the host (Megatron's
+    HybridDeviceOptimizer)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -61,7 +62,11 @@ def _make_optimizer(module, config, optim: OptimConfig, params_dtype, mg: Megatr
         adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
         clip_grad=optim.clip_grad, bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype,
         use_distributed_optimizer=dist_opt, optimizer_cpu_offload=mg.optimizer_cpu_offload,
-        optimizer_offload_fraction=1.0 if mg.optimizer_cpu_offload else 0.0), [ddp])
+        optimizer_offload_fraction=mg.optimizer_offload_fraction if mg.optimizer_cpu_offload else 0.0,
+        # With offload, the fp32 master weights live in the HybridDeviceOptimizer (on the host for
+        # the offloaded share) instead of a second full fp32 copy on the GPU: 4 bytes per parameter
+        # of GPU memory saved (31 GB at 7.8B). Moments and master weights stay fp32.
+        use_precision_aware_optimizer=mg.optimizer_cpu_offload), [ddp])
     sched = OptimizerParamScheduler(
         opt, init_lr=0.0 if optim.lr_warmup_steps else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
         lr_warmup_steps=optim.lr_warmup_steps, lr_decay_steps=max(optim.lr_decay_steps, optim.lr_warmup_steps + 1),

@@ -259,7 +259,7 @@ def one_gpu_7b_overrides(model: str) -> list[str]:
     text = (REPO / "examples/train/spec_decode/mimo_7b_one_gpu_dapo.sh").read_text()
     random_choice, checkpoint_choice = re.findall(r"choice=\((.*?)\)", text, re.S)
     choice = random_choice if model == "random" else checkpoint_choice.replace('"$MODEL"', model)
-    return shlex.split(choice) + example_overrides()["mimo_7b_one_gpu_dapo.sh"]
+    return example_overrides()["mimo_7b_one_gpu_dapo.sh"] + shlex.split(choice)  # the branch's come last
 
 
 def test_one_gpu_7b_recipe_validates_with_a_checkpoint_and_as_a_random_rehearsal(tmp_path):
@@ -278,9 +278,13 @@ def test_one_gpu_7b_recipe_validates_with_a_checkpoint_and_as_a_random_rehearsal
         # what makes 7B fit beside its engine on one GPU (docs/scale.md)
         assert resolve_weight_transport(cfg) == "cuda_ipc" and cfg.generator.sleep_between_steps
         assert cfg.megatron.optimizer_cpu_offload and cfg.megatron.use_distributed_optimizer
+        assert 0 < cfg.megatron.optimizer_offload_fraction <= 1
         assert cfg.megatron.recompute == "full" and cfg.megatron.max_tokens_per_microbatch == 16384
         assert cfg.trainer.mtp.enabled and cfg.trainer.mtp.num_speculative_tokens == 3
     assert real.model.path == str(ckpt) and not real.trainer.warm_start.enabled
+    assert real.algorithm.dynamic_sampling.enabled and real.generator.max_response_length == 4096
     rehearsal_model = get_preset(rehearsal.model.preset)
-    assert rehearsal.model.path is None and rehearsal.data.name == "sort" and rehearsal.trainer.warm_start.enabled
+    assert rehearsal.model.path is None and rehearsal.data.name == "sort" and not rehearsal.trainer.warm_start.enabled
+    # random weights earn no reward: without dynamic sampling every step trains on its whole batch
+    assert not rehearsal.algorithm.dynamic_sampling.enabled and rehearsal.generator.max_response_length == 256
     assert (rehearsal_model.vocab_size, rehearsal_model.num_layers, rehearsal_model.hidden_size) == (151680, 36, 4096)

@@ -31,6 +31,29 @@ def sharded(state, tmp_path_factory):
     return save_hf_checkpoint(CFG, state, tmp_path_factory.mktemp("ckpt") / "sharded", max_shard_bytes=SHARD)
 
 
+def test_large_model_init_draws_each_tensor_from_its_own_generator(monkeypatch, state):
+    """Above PARALLEL_INIT_NUMEL (forced here) every tensor has its own seeded generator and the
+    tensors are drawn on threads: the result is deterministic, in the requested dtype, with the
+    sequential path's structure (ones, zeros, per-tensor std) and each tensor drawn independently."""
+    import skyrl_mtp.models.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "PARALLEL_INIT_NUMEL", 0)
+    first = checkpoint.random_hf_state_dict(CFG, seed=3, dtype=torch.bfloat16)
+    again = checkpoint.random_hf_state_dict(CFG, seed=3, dtype=torch.bfloat16)
+    assert first.keys() == state.keys()
+    scaled = CFG.init_std / (2.0 * CFG.num_layers) ** 0.5
+    for name, value in first.items():
+        assert value.dtype == torch.bfloat16 and value.shape == state[name].shape, name
+        assert torch.equal(value, again[name]), name
+        if name.endswith("norm.weight") or name.endswith(".bias"):
+            assert torch.equal(value.float(), state[name]), name
+        elif value.numel() >= 4096:
+            std = scaled if (".o_proj." in name or ".down_proj." in name) else CFG.init_std
+            assert abs(value.float().std().item() / std - 1) < 0.1, name
+    # two same-shaped matrices of different layers are not the same draw
+    assert not torch.equal(first["model.layers.0.mlp.up_proj.weight"], first["model.layers.1.mlp.up_proj.weight"])
+
+
 def test_sharded_checkpoint_has_an_index_and_reads_back(state, sharded):
     index = json.loads((sharded / INDEX_FILE).read_text())
     files = sorted(p.name for p in sharded.glob("*.safetensors"))

@@ -14,8 +14,11 @@ def test_rl_loop_with_sequence_packing_and_mtp(tmp_path):
     # so a 160-token budget packs two or more sequences into each micro-batch
     run = tmp_path / "run"
     proc = run_train(run, "megatron.max_tokens_per_microbatch=160", "trainer.mtp.enabled=true",
-                     "trainer.mtp.num_speculative_tokens=2", timeout=900)
+                     "trainer.mtp.num_speculative_tokens=2", "trainer.save_every=0", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # save_every=0: no checkpoint, not even at the end; the final HF export is there
+    assert not (run / "checkpoints").exists()
+    assert (run / "hf_export" / "config.json").is_file()
     rows = metrics_rows(run)
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:

@@ -146,19 +146,26 @@ def test_distributed_optimizer_at_dp2_matches_plain_optimizer(megatron_single, t
 
 # ---------------------------------------------------------------- optimizer CPU offload
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Megatron's HybridDeviceOptimizer offloads GPU tensors")
-def test_optimizer_cpu_offload_matches_no_offload(megatron_single, tiny_ckpt):
-    """bf16 policy, distributed optimizer, one rank: Adam on the host (torch's fused CPU AdamW)
-    against Adam on the GPU. Both update fp32 main params from the same fp32 grads; the kernels
-    differ, so weights agree to bf16 rounding (one ulp at most, 2**-7 relative)."""
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_optimizer_cpu_offload_matches_no_offload(megatron_single, tiny_ckpt, fraction):
+    """bf16 policy, distributed optimizer, one rank: Adam on the host (torch's fused CPU AdamW) for
+    `fraction` of the parameters, fp32 master weights held by the hybrid optimizer, against Adam
+    on the GPU with Megatron's fp32 main params. Both update fp32 masters from the same fp32
+    grads; the kernels differ, so weights agree to bf16 rounding (one ulp, 2**-7 relative), and
+    the updates are real (weights moved by more than that)."""
     from skyrl_mtp.workers.policy import MegatronPolicy
 
-    out = {}
+    out, start = {}, None
     for offload in (False, True):
         policy = MegatronPolicy(_cfg(tiny_ckpt, params_dtype="bfloat16", use_distributed_optimizer=True,
-                                     optimizer_cpu_offload=offload), init_distributed=False)
+                                     optimizer_cpu_offload=offload, optimizer_offload_fraction=fraction),
+                                init_distributed=False)
+        start = start or policy.export_hf_weights(dtype=torch.float32)
         for s in range(STEPS):
             policy.train_step(_batch(s))
         out[offload] = policy.export_hf_weights(dtype=torch.float32)
+    moved = max((out[False][k] - start[k]).abs().max().item() for k in start)
+    assert moved > 1e-3, moved
     for k in out[False]:
         torch.testing.assert_close(out[True][k], out[False][k], rtol=2 ** -7, atol=1e-6)
 
@@ -180,6 +187,9 @@ def test_config_refuses_what_megatron_cannot_run():
         _validated(optimizer_cpu_offload=True, use_distributed_optimizer=True)
     with pytest.raises(ConfigError, match=r"set megatron\.use_distributed_optimizer=true"):
         _validated(optimizer_cpu_offload=True, num_gpus_per_worker=1.0)
+    with pytest.raises(ConfigError, match=r"megatron\.optimizer_offload_fraction=1\.5: the share"):
+        _validated(optimizer_cpu_offload=True, use_distributed_optimizer=True, num_gpus_per_worker=1.0,
+                   optimizer_offload_fraction=1.5)
     from skyrl_mtp.config.schema import Config, validate_config
 
     cfg = Config()
