@@ -2,7 +2,7 @@
 
     python scripts/bench_packing.py --preset tiny --batch 32 --seq 512 --budget 2048      # CPU
     python scripts/bench_packing.py --preset mimo_7b_shapes --layers 12 --batch 64 --seq 4096 \
-        --budget 16384 --micro-batch 2 --dtype bfloat16                                       # GPU
+        --budget 16384 --micro-batch 2 --dtype bfloat16 --recompute full                      # GPU
 
 The batch has long-tailed response lengths (lognormal, median --median-len, capped at --seq; the
 shape that pads worst), a prompt of --prompt-len tokens and random token ids. Each variant builds
@@ -43,7 +43,7 @@ def run_variant(args) -> dict:
     from skyrl_mtp.workers.policy import MegatronPolicy
 
     packed = args.variant == "packed"
-    megatron = MegatronConfig(micro_batch_size=args.micro_batch, params_dtype=args.dtype,
+    megatron = MegatronConfig(micro_batch_size=args.micro_batch, params_dtype=args.dtype, recompute=args.recompute,
                               max_tokens_per_microbatch=args.budget if packed else None)
     policy = MegatronPolicy(PolicyWorkerConfig(model_path=args.model_path, optim=OptimConfig(lr=1e-5), megatron=megatron,
                                                mtp=MtpConfig(enabled=args.mtp, num_speculative_tokens=1)))
@@ -67,6 +67,8 @@ def main() -> dict:
     p.add_argument("--micro-batch", type=int, default=4, help="rows per padded micro-batch")
     p.add_argument("--budget", type=int, default=2048, help="tokens per packed micro-batch")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--recompute", default="none", choices=["none", "selective", "full"],
+                   help="megatron.recompute (the 7B recipe uses full)")
     p.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=True, help="train the MTP head too")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -88,6 +90,7 @@ def main() -> dict:
     report = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "preset": args.preset, "layers": model.num_layers, "batch": args.batch, "seq": args.seq,
               "micro_batch": args.micro_batch, "budget": args.budget, "dtype": args.dtype, "mtp": args.mtp,
+              "recompute": args.recompute,
               **results,
               "speedup": results["packed"]["train_tokens_per_s"] / results["padded"]["train_tokens_per_s"]}
     print(json.dumps(report))

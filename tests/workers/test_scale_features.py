@@ -151,8 +151,10 @@ def test_optimizer_cpu_offload_matches_no_offload(megatron_single, tiny_ckpt, fr
     """bf16 policy, distributed optimizer, one rank: Adam on the host (torch's fused CPU AdamW) for
     `fraction` of the parameters, fp32 master weights held by the hybrid optimizer, against Adam
     on the GPU with Megatron's fp32 main params. Both update fp32 masters from the same fp32
-    grads; the kernels differ, so weights agree to bf16 rounding (one ulp, 2**-7 relative), and
-    the updates are real (weights moved by more than that)."""
+    grads; the kernels differ, so weights agree to bf16 rounding (one ulp, 2**-7 relative), except
+    where a gradient is ~0: Adam's step there is ~lr whatever its sign, so rounding can flip it
+    (seen on an H200: 1 of 32,768 and 7 of 65,536 elements, at most 1.2e-3 with lr 1e-3).
+    The updates are real: weights moved by more than that."""
     from skyrl_mtp.workers.policy import MegatronPolicy
 
     out, start = {}, None
@@ -166,8 +168,12 @@ def test_optimizer_cpu_offload_matches_no_offload(megatron_single, tiny_ckpt, fr
         out[offload] = policy.export_hf_weights(dtype=torch.float32)
     moved = max((out[False][k] - start[k]).abs().max().item() for k in start)
     assert moved > 1e-3, moved
+    lr = 3e-3  # the head's (the larger of the two learning rates)
     for k in out[False]:
-        torch.testing.assert_close(out[True][k], out[False][k], rtol=2 ** -7, atol=1e-6)
+        diff = (out[True][k] - out[False][k]).abs()
+        beyond_rounding = diff > 2 ** -7 * out[False][k].abs() + 1e-6
+        assert beyond_rounding.float().mean().item() <= 1e-3, (k, beyond_rounding.sum().item())
+        assert diff.max().item() <= 2 * lr * STEPS, (k, diff.max().item())
 
 
 # ---------------------------------------------------------------- config checks
