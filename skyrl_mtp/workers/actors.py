@@ -19,6 +19,14 @@ import torch
 from skyrl_mtp.workers.config import PolicyWorkerConfig
 
 
+
+def _release_cached_memory() -> None:
+    """Give the allocator's cached blocks (activations, logits of the phase just done) back to the
+    device: a colocated engine wakes into that memory next (on one H200 with a 7B policy, ~24 GB
+    that the weight sync's apply then lacked)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
 class _PolicyActor:
     def __init__(self, cfg: PolicyWorkerConfig, rank: int, world_size: int, master_addr: str, master_port: int,
                  trainable: bool, num_threads: int | None):
@@ -45,11 +53,17 @@ class _PolicyActor:
 
     def compute_logprobs(self, batch):
         self._ensure_thread()
-        return self.policy.compute_logprobs(batch)
+        try:
+            return self.policy.compute_logprobs(batch)
+        finally:
+            _release_cached_memory()
 
     def train_step(self, batch):
         self._ensure_thread()
-        return self.policy.train_step(batch)
+        try:
+            return self.policy.train_step(batch)
+        finally:
+            _release_cached_memory()
 
     def export_hf_weights(self):
         self._ensure_thread()
