@@ -152,9 +152,10 @@ def test_optimizer_cpu_offload_matches_no_offload(megatron_single, tiny_ckpt, fr
     `fraction` of the parameters, fp32 master weights held by the hybrid optimizer, against Adam
     on the GPU with Megatron's fp32 main params. Both update fp32 masters from the same fp32
     grads; the kernels differ, so weights agree to bf16 rounding (one ulp, 2**-7 relative), except
-    where a gradient is ~0: Adam's step there is ~lr whatever its sign, so rounding can flip it
-    (seen on an H200: 1 of 32,768 and 7 of 65,536 elements, at most 1.2e-3 with lr 1e-3).
-    The updates are real: weights moved by more than that."""
+    where a gradient is ~0: Adam's step there is ~lr whatever its sign, so rounding can flip it.
+    Seen on an H200 over two runs: at most 52 of one 16,384-element matrix (0.3%) and 1 of a
+    128-element bias, each within 2 * lr * steps. An offload that updated wrongly or not at all
+    would move nearly every element off; the updates are real (weights moved by more than that)."""
     from skyrl_mtp.workers.policy import MegatronPolicy
 
     out, start = {}, None
@@ -169,11 +170,14 @@ def test_optimizer_cpu_offload_matches_no_offload(megatron_single, tiny_ckpt, fr
     moved = max((out[False][k] - start[k]).abs().max().item() for k in start)
     assert moved > 1e-3, moved
     lr = 3e-3  # the head's (the larger of the two learning rates)
+    flipped = total = 0
     for k in out[False]:
         diff = (out[True][k] - out[False][k]).abs()
         beyond_rounding = diff > 2 ** -7 * out[False][k].abs() + 1e-6
-        assert beyond_rounding.float().mean().item() <= 1e-3, (k, beyond_rounding.sum().item())
+        flipped, total = flipped + int(beyond_rounding.sum()), total + diff.numel()
+        assert beyond_rounding.float().mean().item() <= 0.02, (k, int(beyond_rounding.sum()))
         assert diff.max().item() <= 2 * lr * STEPS, (k, diff.max().item())
+    assert flipped <= 0.005 * total, (flipped, total)
 
 
 # ---------------------------------------------------------------- config checks

@@ -11,7 +11,7 @@
 #   - Megatron's distributed optimizer with most of its fp32 master weights, Adam state and step on
 #     the host (optimizer offload);
 #   - full activation recompute and sequence packing (no padding; 16k tokens per micro-batch).
-# Not run end to end yet (docs/performance.md says what has been measured on an H200).
+# MODEL=random ran 8 DAPO steps on one H200 at ~21 s a step (docs/performance.md); a real checkpoint has not run.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 MODEL=${MODEL:-XiaomiMiMo/MiMo-7B-RL}
@@ -26,16 +26,18 @@ else
   choice=(model=mimo_7b model.path="$MODEL" data=dapo_math data.apply_chat_template=true data.max_prompt_length=1024
           trainer.warm_start.enabled=false)
 fi
-# Memory on an H200 (141 GB) with 128 GiB of host RAM, measured in docs/performance.md: bf16 weights
-# and fp32 grads on the GPU (47 GB), 60% of the fp32 master weights + Adam moments (and their step)
-# on the host (~75 GB of it), the other 40% on the GPU (37 GB); the engine gets 35% of the GPU
-# while it generates. With >= 160 GB of host RAM, megatron.optimizer_offload_fraction=1.0 frees 37 GB more.
+# Memory on an H200 (139.8 GiB) with 125 GiB of host RAM, measured (docs/performance.md, "One-GPU 7B
+# rehearsal"): the policy holds 78 GB on the GPU (bf16 weights, fp32 grads, 40% of the fp32 master
+# weights + Adam moments; 115 GB at its training peak, while the engine sleeps) and 84 GB on the
+# host (the other 60%, stepped there); the engine gets 25% of the GPU while it generates (35% ran
+# out of memory waking its KV cache). With >= 180 GB of host RAM, optimizer_offload_fraction=1.0
+# frees ~37 GB of GPU for the engine's KV cache.
 exec "${PYTHON:-python}" -m skyrl_mtp.train algorithm=dapo generator=gpu megatron=gpu \
   trainer.mtp.enabled=true trainer.mtp.num_speculative_tokens=3 trainer.mtp.loss_type=tv trainer.mtp.optim.lr=1e-4 \
   generator.draft_sample_method=probabilistic \
   trainer.total_steps=200 trainer.train_batch_size=32 trainer.n_samples_per_prompt=8 trainer.ppo_mini_batch_size=16 \
   trainer.optim.lr=1e-6 trainer.save_every=20 trainer.eval_every=20 \
-  generator.num_gpus_per_engine=0.5 megatron.num_gpus_per_worker=0.5 generator.gpu_memory_utilization=0.35 \
+  generator.num_gpus_per_engine=0.5 megatron.num_gpus_per_worker=0.5 generator.gpu_memory_utilization=0.25 \
   generator.sleep_between_steps=true generator.sleep_level=1 generator.enforce_eager=false \
   generator.max_response_length=4096 generator.max_model_len=5120 algorithm.overlong.buffer_len=512 \
   megatron.use_distributed_optimizer=true megatron.optimizer_cpu_offload=true megatron.optimizer_offload_fraction=0.6 \
