@@ -264,7 +264,7 @@ class RLTrainer:
     def train_step(self) -> dict[str, float]:
         """Rollout -> advantages -> old / reference log-probs -> one optimizer step per PPO
         mini-batch -> weight sync."""
-        from skyrl_mtp.trainer.minibatch import rollout_tensors
+        from skyrl_mtp.trainer.minibatch import rollout_tensors, train_tokens
 
         timings = {}
         t0 = time.time()
@@ -308,6 +308,7 @@ class RLTrainer:
         t2 = time.time()
         metrics.update(self.update_policy(tensors, steps))
         timings["timing/train_s"] = time.time() - t2
+        metrics["train/tokens_per_s"] = train_tokens(tensors["loss_mask"], steps) / timings["timing/train_s"]
         metrics.update(self.memory("train"))
         t3 = time.time()
         if sleeping:  # weights first: the sync writes into them; the KV cache after
@@ -360,6 +361,8 @@ class RLTrainer:
         for k in keys:
             if k.endswith("_max"):
                 out[k] = max(m[k] for m in per_step if k in m)
+            elif k.startswith("timing/"):  # time adds up over the steps
+                out[k] = sum(m[k] for m in per_step if k in m)
         out["policy/lr"] = per_step[-1]["policy/lr"]
         out["policy/optimizer_steps"] = float(len(per_step))
         return out

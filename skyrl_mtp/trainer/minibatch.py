@@ -99,3 +99,12 @@ def select_rows(tensors: dict[str, torch.Tensor], rows: list[int]) -> dict[str, 
     used = int((picked["loss_mask"].sum(0) > 0).nonzero().max()) + 2 if picked["loss_mask"].any() else 1
     seq = min(-(-used // PAD_TO_MULTIPLE) * PAD_TO_MULTIPLE, picked["input_ids"].shape[1])
     return {k: v[:, :seq].contiguous() for k, v in picked.items()}
+
+
+def train_tokens(loss_mask: torch.Tensor, steps: list[list[int]]) -> int:
+    """Tokens the policy trains on over all mini-batch steps: each row up to its last loss position
+    + 1 (what sequence packing keeps; padding excluded), once per step that holds the row."""
+    from skyrl_mtp.workers.packing import sequence_lengths
+
+    lengths = sequence_lengths(loss_mask)
+    return sum(lengths[row] for rows in steps for row in rows)

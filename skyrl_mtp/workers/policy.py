@@ -18,6 +18,7 @@ They run as micro-batches of ``megatron.micro_batch_size`` rows, or, with
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -360,6 +361,7 @@ class MegatronPolicy:
                         draft_sums: list[list[float]]) -> dict[str, float]:
         """Clip and step each optimizer on its own parameters; advance both LR schedules. The
         policy's grad norm covers every pipeline stage; loss and draft metrics exist on the last."""
+        started = time.perf_counter()
         ok, grad_norm, _ = self.trunk_opt.step()
         self.trunk_sched.step(1)
         if self.mtp_on:  # the head's embedding replica follows the policy's embedding
@@ -373,6 +375,10 @@ class MegatronPolicy:
             metrics.update(self._draft_metrics(draft_sums))
             metrics.update({"mtp/grad_norm": head_grad_norm(self.head_opt, head_norm),
                             "mtp/lr": self.head_opt.param_groups[0]["lr"]})
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        # both optimizers' steps (with offload: the host Adam and the copies to and from the GPU)
+        metrics["timing/optimizer_s"] = time.perf_counter() - started
         self.step += 1
         return metrics
 

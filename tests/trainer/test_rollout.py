@@ -9,7 +9,7 @@ import torch
 
 from skyrl_mtp.config.schema import Config
 from skyrl_mtp.rl.advantages import compute_advantages
-from skyrl_mtp.trainer.minibatch import mini_batch_rows, rollout_tensors, select_rows
+from skyrl_mtp.trainer.minibatch import build_batch, mini_batch_rows, rollout_tensors, select_rows, train_tokens
 from skyrl_mtp.trainer.rollout import Rollout, RolloutBatch, RolloutCollector, sample_seed
 
 
@@ -154,3 +154,12 @@ def test_select_rows_trims_to_the_rows_own_length():
     t = rollout_tensors(batch, cfg.algorithm, pad_id=0)
     short = select_rows(t, [0])  # 3 prompt + 3 response tokens: one multiple of 8
     assert short["input_ids"].shape[1] == 8 and torch.equal(short["loss_mask"][0], t["loss_mask"][0, :8])
+
+
+def test_train_tokens_count_prompt_and_response_without_padding_once_per_step():
+    # prompts of 3 / 5 / 2 tokens, responses of 4 / 1 / 6: 7, 6 and 8 real tokens; padded to 8
+    batch = build_batch([[1, 2, 3], [1, 2, 3, 4, 5], [1, 2]], [[6, 7, 8, 9], [6], [6, 7, 8, 9, 10, 11]], pad_id=0)
+    assert batch["loss_mask"].shape == (3, 8)
+    assert train_tokens(batch["loss_mask"], [[0, 1, 2]]) == 7 + 6 + 8
+    # two mini-batch steps over two epochs: each row counted once per step that holds it
+    assert train_tokens(batch["loss_mask"], [[0, 2], [1], [2, 1, 0]]) == (7 + 8) + 6 + (8 + 6 + 7)
