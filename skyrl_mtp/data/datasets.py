@@ -58,7 +58,7 @@ def load_examples(
         raise FileNotFoundError(f"dataset file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = _read_jsonl(path)
+        rows = [row for _, row in iter_jsonl(path)]
     elif suffix == ".json":
         rows = _read_json(path)
     elif suffix == ".parquet":
@@ -81,8 +81,10 @@ def synthetic_examples(
     return task.make_split(seed, n, split)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
+def iter_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    """``(location, object)`` per non-blank line of a JSONL file; ValueError naming ``path:line``
+    for invalid JSON or a line that is not a JSON object (location: ``path:line`` for the caller's
+    own checks)."""
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -93,8 +95,7 @@ def _read_jsonl(path: Path) -> list[dict]:
                 raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{line_no}: expected a JSON object per line, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+            yield f"{path}:{line_no}", row
 
 
 def _read_json(path: Path) -> list[dict]:

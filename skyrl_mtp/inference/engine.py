@@ -235,17 +235,12 @@ def llm_kwargs(config: RolloutConfig, device: str) -> dict[str, Any]:
 def checkpoint_tensor_shapes(model_path: str) -> dict[str, tuple[int, ...]] | None:
     """Name -> shape of every tensor in a local safetensors checkpoint (headers only), or None when
     ``model_path`` is not a local directory with safetensors files (then sync cannot be checked)."""
-    from safetensors import safe_open
+    from skyrl_mtp.models.checkpoint import CheckpointReader
 
-    files = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
-    if not files:
+    if not (Path(model_path).is_dir() and any(Path(model_path).glob("*.safetensors"))):
         return None
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as handle:
-            for name in handle.keys():
-                shapes[name] = tuple(handle.get_slice(name).get_shape())
-    return shapes
+    with CheckpointReader(model_path) as reader:
+        return {name: tuple(reader.shape(name)) for name in reader.keys()}
 
 
 def sampled_logprobs(token_ids: Sequence[int], logprobs: Any) -> list[float]:

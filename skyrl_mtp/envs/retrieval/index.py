@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from skyrl_mtp.data.datasets import iter_jsonl
+
 _WORD = re.compile(r"\w+")
 
 
@@ -39,16 +41,7 @@ def load_corpus(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"corpus file not found: {path} (a JSONL file of {{\"id\", \"contents\"}} lines)")
-    docs = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-            docs.append(_check_doc(row, f"{path}:{line_no}"))
+    docs = [_check_doc(row, where) for where, row in iter_jsonl(path)]
     if not docs:
         raise ValueError(f"corpus {path} has no documents")
     _check_unique_ids(docs, str(path))
