@@ -149,6 +149,10 @@ class MtpConfig:
     # probability that the drafts before it are accepted, prod_j (1 - TV_j), so the depths are
     # trained for the expected accepted length (workers/objective.py; eager draft-loss path)
     depth_weighting: str = "uniform"
+    # Share of the policy's micro-batches the head trains on, evenly spaced over the run (1.0: all).
+    # The head's cost per train step (its decoder layer + the vocabulary projection) scales with it;
+    # the policy's update is the same at any share.
+    microbatch_share: float = 1.0
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3))
 
 
@@ -481,6 +485,9 @@ def validate_config(cfg: Config) -> Config:
             "or null for one step on the whole batch")
     if t.ppo_epochs < 1:
         bad("trainer.ppo_epochs", t.ppo_epochs, "must be >= 1")
+    if not 0.0 < t.mtp.microbatch_share <= 1.0:
+        bad("trainer.mtp.microbatch_share", t.mtp.microbatch_share,
+            "the share of micro-batches the head trains on must be in (0, 1]")
     if t.mtp.depth_weighting not in ("uniform", "acceptance"):
         bad("trainer.mtp.depth_weighting", t.mtp.depth_weighting, "use one of ['uniform', 'acceptance']")
     if g.draft_control not in ("fixed", "auto"):

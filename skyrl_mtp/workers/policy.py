@@ -76,6 +76,19 @@ def _make_optimizer(module, config, optim: OptimConfig, params_dtype, mg: Megatr
     return ddp, opt, sched
 
 
+def head_microbatches(seen: int, count: int, share: float) -> list[bool]:
+    """Which of the next `count` micro-batches (after `seen` of them) the MTP head trains on:
+    evenly spaced at `share` over the run (the i-th overall is chosen when floor((i + 1) * share)
+    passes an integer), so with one micro-batch a step and share 0.5 the head trains every other step."""
+    return [int((i + 1) * share + 1e-9) > int(i * share + 1e-9) for i in range(seen, seen + count)]
+
+
+def _cu_seqlens(mb: dict[str, Any]):
+    """A packed micro-batch's sequence boundaries (None for padded rows): draft targets stay inside."""
+    packing = mb.get("packing")
+    return packing.params.cu_seqlens_q if packing is not None else None
+
+
 def _distributed_parts(opt) -> list:
     """The DistributedOptimizer instances inside a Megatron optimizer (get_megatron_optimizer
     returns a ChainedOptimizer around them); empty for the plain optimizer."""
@@ -198,6 +211,7 @@ class MegatronPolicy:
         self.capture = MtpCapture().attach(self.trunk)
         self.device = device
         self.step = 0
+        self._microbatches_seen = 0  # micro-batches trained on so far (trainer.mtp.microbatch_share)
         self.trainable = trainable
         self.trunk_ddp = self.trunk_opt = self.trunk_sched = None
         self.head_ddp = self.head_opt = self.head_sched = None
@@ -319,8 +333,6 @@ class MegatronPolicy:
                                    detach_shared_output=m.detach_shared_output, detach_embedding=m.detach_embedding,
                                    zero_first_embedding=getattr(self.model_cfg, "drafter_zeroes_first_embedding", True),
                                    fused=None if m.fused_loss else False, depth_weighting=m.depth_weighting)
-            draft_norms = [max(self._dp_sum(shift_mask(mask, k).sum().item()) / self.dp_size, 1e-12)
-                           for k in range(1, m.num_speculative_tokens + 1)]
             self.head.train()
             self.head_ddp.zero_grad_buffer()
             self.head_opt.zero_grad()
@@ -328,9 +340,21 @@ class MegatronPolicy:
         self.trunk_ddp.zero_grad_buffer()
         self.trunk_opt.zero_grad()
 
+        microbatches = self._microbatches(batch)
+        head_trains = [False] * len(microbatches)
+        if draft is not None:
+            head_trains = head_microbatches(self._microbatches_seen, len(microbatches), self.cfg.mtp.microbatch_share)
+            # per depth: the draft tokens of the micro-batches the head trains on, summed over DP
+            draft_norms = [max(self._dp_sum(sum(
+                float(shift_mask(mb["loss_mask"].float(), k, _cu_seqlens(mb)).sum())
+                for mb, on in zip(microbatches, head_trains) if on)) / self.dp_size, 1e-12)
+                for k in range(1, self.cfg.mtp.num_speculative_tokens + 1)]
+        self._microbatches_seen += len(microbatches)
+
         sums: dict[str, float] = {}
         maxima: dict[str, float] = {}
         draft_sums = [[0.0, 0.0] for _ in draft_norms]
+        head_for = iter(head_trains)  # the schedule runs each micro-batch's forward once, in order
 
         def forward(mb):
             return self._forward(mb, ObjectiveContext(
@@ -338,7 +362,8 @@ class MegatronPolicy:
                 vocab_size=self.model_cfg.vocab_size, temperature=self.cfg.temperature, tp_group=self.tp_group,
                 algorithm=algo, old_logprobs=mb.get("old_logprobs"), advantages=mb["advantages"],
                 ref_logprobs=mb.get("ref_logprobs"), rollout_logprobs=mb.get("rollout_logprobs"),
-                normalizer=normalizer, draft=draft, draft_normalizers=draft_norms, packing=mb.get("packing")))
+                normalizer=normalizer, draft=draft if next(head_for) else None, draft_normalizers=draft_norms,
+                packing=mb.get("packing")))
 
         def loss(out):  # last stage: the schedule back-propagates the returned loss as is
             sums["policy_loss"] = sums.get("policy_loss", 0.0) + float(out["policy_loss"])
@@ -351,7 +376,7 @@ class MegatronPolicy:
                 draft_sums[k][1] += weight
             return out["loss"], {}
 
-        run_schedule(self.trunk_ddp, self._microbatches(batch), forward, loss, forward_only=False)
+        run_schedule(self.trunk_ddp, microbatches, forward, loss, forward_only=False)
         finalize_grads(self.trunk_ddp)
         if self.head is not None:
             self.head_ddp.finish_grad_sync()

@@ -241,6 +241,39 @@ def test_policy_update_is_bitwise_the_same_without_mtp(megatron_single, tiny_ckp
     assert all(torch.equal(weights[True][k], weights[False][k]) for k in weights[True])
 
 
+def test_head_microbatch_share_trains_the_head_on_the_chosen_micro_batches_only(megatron_single, tiny_ckpt):
+    """trainer.mtp.microbatch_share=0.5 over 4 micro-batches of 2 rows: the head trains on
+    micro-batches 2 and 4 (evenly spaced). Reference: share 1.0 on a batch of only those rows. The
+    head after one step and the per-depth draft losses agree; the policy is bitwise the share-1.0
+    policy's on the whole batch (the head never reaches it)."""
+    from dataclasses import replace
+
+    from skyrl_mtp.workers.policy import MegatronPolicy, head_microbatches
+
+    assert head_microbatches(0, 4, 0.5) == [False, True, False, True]
+    batch = _batch(0)
+    chosen = [2, 3, 6, 7]  # the rows of micro-batches 2 and 4 (micro_batch_size 2)
+    only_chosen = {k: v[chosen] for k, v in batch.items()}
+
+    def trained(share: float, rows: dict):
+        cfg = _cfg(tiny_ckpt)
+        policy = MegatronPolicy(replace(cfg, mtp=replace(cfg.mtp, microbatch_share=share)), init_distributed=False)
+        metrics = policy.train_step(rows)
+        state = policy.export_hf_weights(dtype=torch.float32)
+        return metrics, {k: v for k, v in state.items() if "mtp" in k}, policy.policy_state()
+
+    half, half_head, half_policy = trained(0.5, batch)
+    ref, ref_head, _ = trained(1.0, only_chosen)
+    _, full_head, full_policy = trained(1.0, batch)
+    for depth in (1, 2):
+        assert half[f"mtp/loss_depth_{depth}"] == pytest.approx(ref[f"mtp/loss_depth_{depth}"], rel=1e-5)
+    for k in ref_head:
+        torch.testing.assert_close(half_head[k], ref_head[k], rtol=1e-5, atol=1e-6)
+    # the share matters: on all four micro-batches the head ends elsewhere
+    assert max((full_head[k] - ref_head[k]).abs().max().item() for k in ref_head) > 1e-4
+    assert all(torch.equal(half_policy[k], full_policy[k]) for k in full_policy)
+
+
 def test_invariance_tool_with_distributed_optimizer_and_full_recompute(tiny_ckpt):
     """check_policy_invariance with the features on: bitwise identical over PPO mini-batches, and
     its negative control (the draft loss attached to the shared output layer) is still caught."""
