@@ -7,7 +7,10 @@
 Each policy is built from the same random checkpoint, in its own child process (one process's
 CUDA memory is not reliably returned after `del`, and a fresh allocator makes the two peaks
 comparable); `--warmup` steps are discarded, then the median of `--steps` step times is
-reported. overhead = t(MTP on) / t(MTP off) - 1.
+reported. overhead = t(MTP on) / t(MTP off) - 1. With ``--microbatch-share S`` (< 1) a third
+variant trains the head on that share of the micro-batches (trainer.mtp.microbatch_share):
+overhead_at_share. Keep --steps a multiple of the micro-batches' period (e.g. 0.25 with 4
+micro-batches a step trains the head once a step).
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ def main() -> dict:
     p.add_argument("--topk", type=int, default=64)
     p.add_argument("--chunk-size", type=int, default=1024)
     p.add_argument("--depths", type=int, default=1)
+    p.add_argument("--microbatch-share", type=float, default=1.0,
+                   help="below 1: a third variant, the head trained on this share of the micro-batches")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--variant", choices=["mtp_off", "mtp_on"], help=argparse.SUPPRESS)  # child process
+    p.add_argument("--variant", choices=["mtp_off", "mtp_on", "mtp_share"], help=argparse.SUPPRESS)  # child process
     p.add_argument("--model-path", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
@@ -48,7 +53,8 @@ def main() -> dict:
     from skyrl_mtp.models.checkpoint import random_hf_state_dict
 
     model = bench_model(args)
-    results = run_variants(__file__, ("mtp_off", "mtp_on"), model, "bench_train_step")
+    variants = ("mtp_off", "mtp_on") + (("mtp_share",) if args.microbatch_share < 1 else ())
+    results = run_variants(__file__, variants, model, "bench_train_step")
     n_params = sum(v.numel() for v in random_hf_state_dict(model.replace(num_mtp_layers=0), 0).values()) \
         if args.hidden <= 512 else None
     report = {
@@ -60,6 +66,9 @@ def main() -> dict:
         **results,
         "overhead": results["mtp_on"]["median_s"] / results["mtp_off"]["median_s"] - 1.0,
     }
+    if "mtp_share" in results:
+        report["microbatch_share"] = args.microbatch_share
+        report["overhead_at_share"] = results["mtp_share"]["median_s"] / results["mtp_off"]["median_s"] - 1.0
     print(json.dumps(report))
     return report
 
@@ -83,7 +92,8 @@ def run_variant(args) -> dict:
     base = PolicyWorkerConfig(model_path=args.model_path, optim=OptimConfig(lr=1e-5), mtp=MtpConfig(enabled=False),
                               megatron=MegatronConfig(micro_batch_size=args.micro_batch, params_dtype=args.dtype,
                                                       mtp_loss_chunk_size=args.chunk_size))
-    mtp = MtpConfig(enabled=True, num_speculative_tokens=args.depths, loss_type=args.loss_type, topk=args.topk)
+    mtp = MtpConfig(enabled=True, num_speculative_tokens=args.depths, loss_type=args.loss_type, topk=args.topk,
+                    microbatch_share=args.microbatch_share if args.variant == "mtp_share" else 1.0)
     policy = MegatronPolicy(base if args.variant == "mtp_off" else replace(base, mtp=mtp))
 
     def batch_for_step(step: int) -> dict:

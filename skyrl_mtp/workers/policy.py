@@ -212,6 +212,7 @@ class MegatronPolicy:
         self.device = device
         self.step = 0
         self._microbatches_seen = 0  # micro-batches trained on so far (trainer.mtp.microbatch_share)
+        self._head_trained = False  # whether the head saw a micro-batch in this optimizer step
         self.trainable = trainable
         self.trunk_ddp = self.trunk_opt = self.trunk_sched = None
         self.head_ddp = self.head_opt = self.head_sched = None
@@ -350,6 +351,9 @@ class MegatronPolicy:
                 for mb, on in zip(microbatches, head_trains) if on)) / self.dp_size, 1e-12)
                 for k in range(1, self.cfg.mtp.num_speculative_tokens + 1)]
         self._microbatches_seen += len(microbatches)
+        # No micro-batch of the head on any DP rank (microbatch_share < 1): its optimizer skips the
+        # step, as Adam's momentum would otherwise move it on a zero gradient.
+        self._head_trained = draft is not None and self._dp_sum(float(sum(head_trains))) > 0
 
         sums: dict[str, float] = {}
         maxima: dict[str, float] = {}
@@ -394,7 +398,7 @@ class MegatronPolicy:
         metrics = self._reduce_metrics(*stats) if self.stage.last else {}
         metrics.update({"policy/grad_norm": float(grad_norm or 0.0), "policy/update_ok": float(bool(ok)),
                         "policy/lr": self.trunk_opt.param_groups[0]["lr"]})
-        if self.head is not None:
+        if self.head is not None and self._head_trained:
             _, head_norm, _ = self.head_opt.step()
             self.head_sched.step(1)
             metrics.update(self._draft_metrics(draft_sums))

@@ -272,6 +272,17 @@ def test_head_microbatch_share_trains_the_head_on_the_chosen_micro_batches_only(
     # the share matters: on all four micro-batches the head ends elsewhere
     assert max((full_head[k] - ref_head[k]).abs().max().item() for k in ref_head) > 1e-4
     assert all(torch.equal(half_policy[k], full_policy[k]) for k in full_policy)
+    # share 0.25 over 2 micro-batches a step: none in the first step, so the head is not stepped
+    # at all (Adam on a zero gradient would still move it); the second step trains it
+    cfg = _cfg(tiny_ckpt)
+    policy = MegatronPolicy(replace(cfg, mtp=replace(cfg.mtp, microbatch_share=0.25)), init_distributed=False)
+    start = {k: v for k, v in policy.export_hf_weights(dtype=torch.float32).items() if "mtp" in k}
+    first = policy.train_step({k: v[:4] for k, v in batch.items()})
+    after_first = {k: v for k, v in policy.export_hf_weights(dtype=torch.float32).items() if "mtp" in k}
+    assert "mtp/grad_norm" not in first and all(torch.equal(after_first[k], start[k]) for k in start)
+    policy.train_step({k: v[4:] for k, v in batch.items()})
+    after_second = {k: v for k, v in policy.export_hf_weights(dtype=torch.float32).items() if "mtp" in k}
+    assert max((after_second[k] - start[k]).abs().max().item() for k in start) > 1e-4
 
 
 def test_invariance_tool_with_distributed_optimizer_and_full_recompute(tiny_ckpt):
