@@ -102,8 +102,9 @@ def select_rows(tensors: dict[str, torch.Tensor], rows: list[int]) -> dict[str, 
 
 
 def train_tokens(loss_mask: torch.Tensor, steps: list[list[int]]) -> int:
-    """Tokens the policy trains on over all mini-batch steps: each row up to its last loss position
-    + 1 (what sequence packing keeps; padding excluded), once per step that holds the row."""
+    """Tokens the policy trains on over all mini-batch steps: each row up to the token its last
+    loss position predicts (what sequence packing keeps; padding excluded), once per step that
+    holds the row."""
     from skyrl_mtp.workers.packing import sequence_lengths
 
     lengths = sequence_lengths(loss_mask)
