@@ -21,6 +21,8 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+from skyrl_mtp.megatron.model_builder import causal_mask
+
 
 def packed_seq_params(lengths: list[int], device: torch.device | str) -> PackedSeqParams:
     """Megatron's description of sequences of these lengths packed back to back (no padding
@@ -66,10 +68,9 @@ class PackedDotProductAttention(DotProductAttention):
         for start, end in zip(bounds[:-1], bounds[1:]):
             if end == start:
                 continue
-            causal = torch.ones(end - start, end - start, dtype=torch.bool, device=query.device).triu(1)[None, None]
             outputs.append(super().forward(query[start:end].unsqueeze(1), key[start:end].unsqueeze(1),
-                                           value[start:end].unsqueeze(1), causal, attn_mask_type=attn_mask_type,
-                                           attention_bias=attention_bias))
+                                           value[start:end].unsqueeze(1), causal_mask(end - start, query.device),
+                                           attn_mask_type=attn_mask_type, attention_bias=attention_bias))
         return torch.cat(outputs, dim=0)
 
 

@@ -19,13 +19,13 @@ import torch
 from skyrl_mtp.workers.config import PolicyWorkerConfig
 
 
-
 def _release_cached_memory() -> None:
     """Give the allocator's cached blocks (activations, logits of the phase just done) back to the
     device: a colocated engine wakes into that memory next (on one H200 with a 7B policy, ~24 GB
     that the weight sync's apply then lacked)."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
 
 class _PolicyActor:
     def __init__(self, cfg: PolicyWorkerConfig, rank: int, world_size: int, master_addr: str, master_port: int,

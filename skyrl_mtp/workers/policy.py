@@ -346,10 +346,13 @@ class MegatronPolicy:
         if draft is not None:
             head_trains = head_microbatches(self._microbatches_seen, len(microbatches), self.cfg.mtp.microbatch_share)
             # per depth: the draft tokens of the micro-batches the head trains on, summed over DP
-            draft_norms = [max(self._dp_sum(sum(
-                float(shift_mask(mb["loss_mask"].float(), k, _cu_seqlens(mb)).sum())
-                for mb, on in zip(microbatches, head_trains) if on)) / self.dp_size, 1e-12)
-                for k in range(1, self.cfg.mtp.num_speculative_tokens + 1)]
+            # (counted on the device, one host read per depth)
+            chosen = [mb for mb, on in zip(microbatches, head_trains) if on]
+            draft_norms = []
+            for k in range(1, self.cfg.mtp.num_speculative_tokens + 1):
+                tokens = sum((shift_mask(mb["loss_mask"].float(), k, _cu_seqlens(mb)).sum() for mb in chosen),
+                             torch.zeros((), device=self.device))
+                draft_norms.append(max(self._dp_sum(float(tokens)) / self.dp_size, 1e-12))
         self._microbatches_seen += len(microbatches)
         # No micro-batch of the head on any DP rank (microbatch_share < 1): its optimizer skips the
         # step, as Adam's momentum would otherwise move it on a zero gradient.
