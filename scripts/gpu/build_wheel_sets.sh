@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Builds (here, with PyPI reachable) the wheel sets the GPU machines need: they have Python 3.12 and
-# torch 2.11 and nothing else, no network, and take at most 64 MiB per device call (docs/gpu.md).
+# torch 2.11 and nothing else, no network, and take at most 64 MiB per device call, the tracked
+# working tree (~5 MB) included: parts are 45 MiB (60 MiB parts were refused; docs/gpu.md).
 #   .gpu_wheels/        megatron-core and the project's own needs (one call)
-#   .gpu_parts/v00..04  vLLM 0.25.0 and its runtime (shared/gpu/vllm_gpu_wheels.sh), 60 MB parts
+#   .gpu_parts/v00..06  vLLM 0.25.0 and its runtime (shared/gpu/vllm_gpu_wheels.sh), re-split
 #   .gpu_parts/r00..01  Ray and Hydra for the driver, 40 MB parts (tar of .gpu_ray)
-#   .gpu_parts/t00..    Triton >= 3.7.1 (fla's Hopper kernels refuse older: fla issue #640), 60 MB parts
+#   .gpu_parts/t00..04  Triton 3.7.1: fla's Hopper kernels refuse older (fla issue #640), and 3.9
+#                       refuses fla 0.5.2's autotune keys at import ("key contains names that are
+#                       not kernel arguments: BT"; 3.7.1 and 3.8.0 have no such check)
 #   .gpu_fla/           flash-linear-attention and fla-core (pure Python)
 # Usage: bash scripts/gpu/build_wheel_sets.sh [megatron|ray|vllm|triton|fla ...]   (default: all)
 set -euo pipefail
@@ -26,10 +29,10 @@ for set in "${sets[@]}"; do
       tar cf /tmp/gpu_ray.tar .gpu_ray && rm -f .gpu_parts/r0* && split -b 40m -d /tmp/gpu_ray.tar .gpu_parts/r ;;
     vllm)
       rm -rf /tmp/vllm_parts && bash ../shared/gpu/vllm_gpu_wheels.sh /tmp/vllm_parts
-      for part in /tmp/vllm_parts/p0*; do cp "$part" ".gpu_parts/v${part##*/p}"; done ;;
+      rm -f .gpu_parts/v0* && cat /tmp/vllm_parts/p0* | split -b 45m -d - .gpu_parts/v ;;
     triton)
-      rm -rf /tmp/gpu_triton && pip download -q $P --no-deps -d /tmp/gpu_triton "triton>=3.7.1"
-      tar cf /tmp/gpu_triton.tar -C /tmp gpu_triton && rm -f .gpu_parts/t0* && split -b 60m -d /tmp/gpu_triton.tar .gpu_parts/t ;;
+      rm -rf /tmp/gpu_triton && pip download -q $P --no-deps -d /tmp/gpu_triton triton==3.7.1
+      tar cf /tmp/gpu_triton.tar -C /tmp gpu_triton && rm -f .gpu_parts/t0* && split -b 45m -d /tmp/gpu_triton.tar .gpu_parts/t ;;
     fla)
       pip download -q --no-deps -d .gpu_fla flash-linear-attention==0.5.2 fla-core==0.5.2 ;;
     *) echo "unknown set '$set': use megatron, ray, vllm, triton or fla" >&2; exit 2 ;;

@@ -221,13 +221,17 @@ class RLTrainer:
         mg = c.megatron
         worker_cfg = self.policy_worker_config(self.model_path)
         _log(f"starting {mg.dp_size * mg.tp_size * mg.pp_size} policy worker(s) and {c.generator.num_engines} rollout engine(s)")
+        started = time.time()  # start-up is minutes at 7B: say where it goes
         self.policy = WorkerGroup(worker_cfg, dp_size=mg.dp_size, num_cpus_per_worker=mg.num_cpus_per_worker,
                                   num_gpus_per_worker=mg.num_gpus_per_worker, num_threads=mg.threads_per_worker)
         if c.algorithm.use_kl_loss:
             self.ref = WorkerGroup(worker_cfg, dp_size=mg.dp_size, trainable=False, name="ref",
                                    num_cpus_per_worker=mg.num_cpus_per_worker,
                                    num_gpus_per_worker=mg.num_gpus_per_worker, num_threads=mg.threads_per_worker)
+        _log(f"policy worker(s) up in {time.time() - started:.0f} s")
+        started = time.time()
         self.engines = RolloutEngineGroup(self.rollout_config(self.model_path))
+        _log(f"rollout engine(s) up in {time.time() - started:.0f} s")
         if c.generator.draft_control == "auto":
             from skyrl_mtp.inference.draft_control import DraftController
 

@@ -150,34 +150,39 @@ def test_distributed_optimizer_at_dp2_matches_plain_optimizer(megatron_single, t
 def test_optimizer_cpu_offload_matches_no_offload(megatron_single, tiny_ckpt, fraction):
     """bf16 policy, distributed optimizer, one rank: Adam on the host (torch's fused CPU AdamW) for
     `fraction` of the parameters, fp32 master weights held by the hybrid optimizer, against Adam
-    on the GPU with Megatron's fp32 main params. Both update fp32 masters from the same fp32
-    grads; the kernels differ, so weights agree to bf16 rounding (one ulp, 2**-7 relative), except
-    where a gradient is ~0: Adam's step there is ~lr whatever its sign, so rounding can flip it.
-    Seen on an H200 over two runs: at most 52 of one 16,384-element matrix (0.3%) and 1 of a
-    128-element bias, each within 2 * lr * steps. An offload that updated wrongly or not at all
-    would move nearly every element off; the updates are real (weights moved by more than that)."""
+    on the GPU with Megatron's fp32 main params. Two steps, the second checking that the Adam
+    state carried over. Both start from the same weights and batch, so they update fp32 masters
+    from the same fp32 grads; the kernels differ, so every weight agrees to bf16 rounding (one ulp,
+    2**-7 relative) after each step. Not further: once a bf16 weight differs by an ulp, the grads
+    differ, and where a gradient is rounding noise Adam's step (~lr whatever the gradient's size)
+    takes a random sign. On an H200 the third step put 3.4% of all elements beyond rounding: 10-16%
+    of the MTP head's matrices (at init the student matches its teacher to rounding, so its grads
+    are noise) and 14-26 of 64 key-bias elements (the softmax cancels a key bias: its exact gradient
+    is zero, which is why the key biases get only the lr bound here). An offload that updated
+    wrongly or not at all would move nearly every element off; the updates are real (weights moved
+    by more than that)."""
     from skyrl_mtp.workers.policy import MegatronPolicy
 
-    out, start = {}, None
+    steps, lr = 2, 3e-3  # lr: the head's, the larger of the two learning rates
+    after, start = {}, None
     for offload in (False, True):
         policy = MegatronPolicy(_cfg(tiny_ckpt, params_dtype="bfloat16", use_distributed_optimizer=True,
                                      optimizer_cpu_offload=offload, optimizer_offload_fraction=fraction),
                                 init_distributed=False)
         start = start or policy.export_hf_weights(dtype=torch.float32)
-        for s in range(STEPS):
-            policy.train_step(_batch(s))
-        out[offload] = policy.export_hf_weights(dtype=torch.float32)
-    moved = max((out[False][k] - start[k]).abs().max().item() for k in start)
+        for step in range(steps):
+            policy.train_step(_batch(step))
+            after[offload, step] = policy.export_hf_weights(dtype=torch.float32)
+    moved = max((after[False, steps - 1][k] - start[k]).abs().max().item() for k in start)
     assert moved > 1e-3, moved
-    lr = 3e-3  # the head's (the larger of the two learning rates)
-    flipped = total = 0
-    for k in out[False]:
-        diff = (out[True][k] - out[False][k]).abs()
-        beyond_rounding = diff > 2 ** -7 * out[False][k].abs() + 1e-6
-        flipped, total = flipped + int(beyond_rounding.sum()), total + diff.numel()
-        assert beyond_rounding.float().mean().item() <= 0.02, (k, int(beyond_rounding.sum()))
-        assert diff.max().item() <= 2 * lr * STEPS, (k, diff.max().item())
-    assert flipped <= 0.005 * total, (flipped, total)
+    for step in range(steps):
+        for k, ref in after[False, step].items():
+            diff = (after[True, step][k] - ref).abs()
+            assert diff.max().item() <= 2 * lr * (step + 1), (step, k, diff.max().item())
+            if k.endswith("k_proj.bias"):
+                continue
+            beyond_rounding = int((diff > 2 ** -7 * ref.abs() + 1e-6).sum())
+            assert beyond_rounding == 0, (step, k, beyond_rounding, ref.numel())
 
 
 # ---------------------------------------------------------------- config checks
