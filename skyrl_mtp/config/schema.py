@@ -149,6 +149,11 @@ class MtpConfig:
     # probability that the drafts before it are accepted, prod_j (1 - TV_j), so the depths are
     # trained for the expected accepted length (workers/objective.py; eager draft-loss path)
     depth_weighting: str = "uniform"
+    # causal | drafter_cache: how depths >= 2 attend in the head's replay. causal: over that depth's
+    # own states (Megatron's MTP block); drafter_cache: as vLLM's drafter runs them, at position
+    # t + d - 1 over the depth-1 states of positions <= t plus the depth's own chain
+    # (skyrl_mtp/megatron/drafter_attention.py; one-layer heads)
+    depth_attention: str = "causal"
     # Share of the policy's micro-batches the head trains on, evenly spaced over the run (1.0: all).
     # The head's cost per train step (its decoder layer + the vocabulary projection) scales with it;
     # the policy's update is the same at any share.
@@ -490,6 +495,8 @@ def validate_config(cfg: Config) -> Config:
             "the share of micro-batches the head trains on must be in (0, 1]")
     if t.mtp.depth_weighting not in ("uniform", "acceptance"):
         bad("trainer.mtp.depth_weighting", t.mtp.depth_weighting, "use one of ['uniform', 'acceptance']")
+    if t.mtp.depth_attention not in ("causal", "drafter_cache"):
+        bad("trainer.mtp.depth_attention", t.mtp.depth_attention, "use one of ['causal', 'drafter_cache']")
     if g.draft_control not in ("fixed", "auto"):
         bad("generator.draft_control", g.draft_control, "use one of ['fixed', 'auto']")
     elif g.draft_control == "auto":

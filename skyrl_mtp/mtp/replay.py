@@ -25,6 +25,8 @@ class MtpCapture:
 
     rotary_pos_emb: torch.Tensor | None = None
     _hook: object = field(default=None, repr=False)
+    _rotary: object = field(default=None, repr=False)
+    _rotary_call: tuple = field(default=(), repr=False)
 
     def attach(self, trunk: torch.nn.Module) -> "MtpCapture":
         """Hooks the trunk's rotary module; call once per trunk."""
@@ -32,11 +34,23 @@ class MtpCapture:
         if rotary is None:
             raise ValueError("trunk has no rotary_pos_emb module: MTP replay supports RoPE models only")
 
-        def record(_module, _args, output):
+        def record(_module, args, kwargs, output):
             self.rotary_pos_emb = output[0] if isinstance(output, tuple) else output
+            self._rotary_call = (args, kwargs)
 
-        self._hook = rotary.register_forward_hook(record)
+        self._rotary = rotary
+        self._hook = rotary.register_forward_hook(record, with_kwargs=True)
         return self
+
+    def rotary_at_offset(self, offset: int) -> torch.Tensor:
+        """The rotary table of the last forward with every position moved ``offset`` ahead (per
+        sequence when packed): vLLM's drafter runs draft step d at position t + d - 1."""
+        args, kwargs = self._rotary_call
+        if not args or "offset" in kwargs or not isinstance(args[0], int):
+            raise ValueError(f"cannot move the rotary positions of a {type(self._rotary).__name__} called with "
+                             f"{args!r}, {kwargs!r}: set trainer.mtp.depth_attention=causal")
+        out = self._rotary.forward(args[0], offset, *args[1:], **kwargs)  # .forward: not through the hook
+        return out[0] if isinstance(out, tuple) else out
 
     def detach_hook(self) -> None:
         if self._hook is not None:
@@ -70,36 +84,62 @@ def sequence_starts(packed_seq_params=None) -> torch.Tensor:
     return packed_seq_params.cu_seqlens_q[:-1].long().cpu()
 
 
+DEPTH_ATTENTION = ("causal", "drafter_cache")
+
+
 def replay_mtp(mtp_block: torch.nn.Module, embedding: torch.nn.Module, *, hidden_states: torch.Tensor,
                input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                rotary_pos_emb: torch.Tensor | None, packed_seq_params=None, num_depths: int | None = None,
                detach_trunk: bool = True, detach_embedding: bool = True,
-               zero_first_embedding: bool = False) -> list[torch.Tensor]:
+               zero_first_embedding: bool = False, depth_attention: str = "causal",
+               capture: MtpCapture | None = None) -> list[torch.Tensor]:
     """Runs the MTP head on the (detached) trunk hidden states; returns ``[s, b, h]`` per depth.
 
     Depth d uses MTP layer d when the block has that many layers, else reuses the last one on its
     own output, as vLLM does for num_speculative_tokens > num_mtp_layers. With the block's own
     depth this is exactly ``MultiTokenPredictionBlock.forward`` (tested against it).
     ``zero_first_embedding`` reproduces vLLM's MiMo drafter at depth 1 (see _HeadEmbedding).
+
+    ``depth_attention``: ``causal`` runs each depth as a causal pass over that depth's states (the
+    native block's semantics); ``drafter_cache`` runs depths >= 2 as vLLM's drafter does, at
+    position t + d - 1 attending to the depth-1 states of positions <= t and to its own chain
+    (skyrl_mtp.megatron.drafter_attention; needs ``capture`` for the moved rotary positions).
     """
+    if depth_attention not in DEPTH_ATTENTION:
+        raise ValueError(f"depth_attention={depth_attention!r}: use one of {list(DEPTH_ATTENTION)}")
     layers = mtp_block.layers
     num_depths = num_depths or len(layers)
+    chain = None
+    if depth_attention == "drafter_cache" and num_depths > 1:
+        from skyrl_mtp.megatron.drafter_attention import DraftChain, install
+
+        if capture is None:
+            raise ValueError("depth_attention='drafter_cache' needs the MtpCapture (for the moved rotary positions)")
+        if len(layers) > 1:  # vLLM's proposer runs the first MTP layer at every draft step
+            raise ValueError(f"depth_attention='drafter_cache' models vLLM drafting with one MTP layer; this head "
+                             f"has {len(layers)}: set trainer.mtp.depth_attention=causal")
+        install(layers[0])
+        chain = DraftChain()
     hidden = hidden_states.detach() if detach_trunk else hidden_states
     outputs = []
     for depth in range(num_depths):
         zero = sequence_starts(packed_seq_params) if (zero_first_embedding and depth == 0) else None
         layer = layers[min(depth, len(layers) - 1)]
+        rotary = rotary_pos_emb if chain is None or depth == 0 else capture.rotary_at_offset(depth)
         # megatron-core 0.16 returns (hidden, ids, positions); >= 0.19 adds the rolled padding mask.
         hidden, input_ids, position_ids, *_ = layer(
             input_ids=input_ids,
             position_ids=position_ids,
             hidden_states=hidden,
             attention_mask=attention_mask,
-            rotary_pos_emb=rotary_pos_emb,
+            rotary_pos_emb=rotary,
+            attention_bias=chain,
             packed_seq_params=packed_seq_params,
             embedding=_HeadEmbedding(embedding, detach_embedding, zero),
         )
         outputs.append(hidden)
+        if chain is not None and depth + 1 < num_depths:
+            chain = chain.next_depth()
     return outputs
 
 

@@ -69,6 +69,7 @@ class DraftObjective:
     # prod_j (1 - TV_j(t)) (detached), since only then is depth d's draft verified: the depth
     # terms then follow the expected number of accepted tokens. Eager path only.
     depth_weighting: str = "uniform"
+    depth_attention: str = "causal"  # causal | drafter_cache (skyrl_mtp.mtp.replay.replay_mtp)
 
 
 @dataclass
@@ -172,7 +173,8 @@ def _draft_losses(ctx: ObjectiveContext, policy_logits, hidden_states, output_la
         d.head, d.embedding, hidden_states=hidden_states, input_ids=input_ids, position_ids=position_ids,
         attention_mask=attention_mask, rotary_pos_emb=d.capture.rotary_pos_emb,
         packed_seq_params=packed_seq_params, num_depths=d.num_depths, detach_trunk=True,
-        detach_embedding=d.detach_embedding, zero_first_embedding=d.zero_first_embedding)
+        detach_embedding=d.detach_embedding, zero_first_embedding=d.zero_first_embedding,
+        depth_attention=d.depth_attention, capture=d.capture)
     teacher_all = policy_logits.detach()
     seq = teacher_all.shape[1]
     total = hidden_states.new_zeros(())

@@ -333,7 +333,8 @@ class MegatronPolicy:
                                    chunk_size=self.cfg.megatron.mtp_loss_chunk_size,
                                    detach_shared_output=m.detach_shared_output, detach_embedding=m.detach_embedding,
                                    zero_first_embedding=getattr(self.model_cfg, "drafter_zeroes_first_embedding", True),
-                                   fused=None if m.fused_loss else False, depth_weighting=m.depth_weighting)
+                                   fused=None if m.fused_loss else False, depth_weighting=m.depth_weighting,
+                                   depth_attention=m.depth_attention)
             self.head.train()
             self.head_ddp.zero_grad_buffer()
             self.head_opt.zero_grad()
