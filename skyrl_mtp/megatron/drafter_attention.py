@@ -20,9 +20,10 @@ and the chain's earlier entries are detached: the depth-d loss trains the head t
 and its own key and value, with what earlier depths wrote held fixed (their own losses train it).
 
 Math: one dense pass, scores ``[b, heads, s, s]`` against the depth-1 keys under the causal mask
-plus one score per chain entry on the diagonal, softmax over both, in float32 (or wider). Packed (THD) input
-runs it per sequence. It replaces the fused kernels of TE for depths >= 2 (a dense [s, s] score
-per head, like Megatron's local attention), so its memory grows with the longest sequence squared.
+plus one score per chain entry on the diagonal, softmax over both, in float32 (or wider). Packed
+(THD) input runs it per sequence. It stands in for TE's fused kernels at depths >= 2 (a dense
+``[s, s]`` score per head, like Megatron's local attention), so its memory grows with the longest
+sequence squared.
 """
 
 from __future__ import annotations

@@ -63,6 +63,7 @@ def run(args, rank: int = 0, world_size: int = 1, master_port: int | None = None
         optim=OptimConfig(lr=args.lr, clip_grad=1.0), mtp=MtpConfig(enabled=False))
     mtp_cfg = MtpConfig(enabled=True, num_speculative_tokens=args.num_depths, loss_type=args.loss_type,
                         topk=args.topk, optim=OptimConfig(lr=args.head_lr, clip_grad=1.0),
+                        depth_attention=args.depth_attention,
                         # a negative control: an attached output layer lets the draft loss train the policy
                         detach_shared_output=not args.attach_output_layer)
     dist = dict(rank=rank, world_size=world_size, master_port=master_port)
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--topk", type=int, default=16)
     parser.add_argument("--num-depths", type=int, default=1)
     parser.add_argument("--chunk-size", type=int, default=None)
+    parser.add_argument("--depth-attention", default="causal", choices=["causal", "drafter_cache"],
+                        help="how depths >= 2 attend in the head's replay (trainer.mtp.depth_attention)")
     parser.add_argument("--model", default=None, help="HF checkpoint, mimo or qwen3_5 (default: a random one of --preset)")
     parser.add_argument("--preset", default="tiny", help="preset of the random checkpoint without --model (tiny, qwen3_5_tiny)")
     parser.add_argument("--batch-size", type=int, default=8)

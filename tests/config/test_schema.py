@@ -129,6 +129,7 @@ BAD = [
     (["trainer.loggers=[console,tensorboard]"], r"trainer.loggers='tensorboard'"),
     (["algorithm.overlong.buffer_len=100"], r"algorithm.overlong.buffer_len=100"),
     (["trainer.mtp.depth_weighting=geometric"], r"trainer.mtp.depth_weighting='geometric': use one of"),
+    (["trainer.mtp.depth_attention=full"], r"trainer.mtp.depth_attention='full': use one of"),
     (["generator.draft_control=sometimes"], r"generator.draft_control='sometimes': use one of"),
     (["generator.draft_control=auto"], r"generator.draft_control='auto': auto chooses how many tokens to draft, but nothing drafts"),
     (["generator=gpu", "megatron=gpu", "trainer.mtp.enabled=true", "generator.draft_control=auto"],

@@ -68,7 +68,8 @@ class _DrafterStep:
         x = x + attn @ w[f"{p}.self_attn.o_proj.weight"].T
         h = _rms(x, w[f"{p}.post_attention_layernorm.weight"], c.rms_norm_eps)
         m = f"{p}.mlp"
-        x = x + (F.silu(h @ w[f"{m}.gate_proj.weight"].T) * (h @ w[f"{m}.up_proj.weight"].T)) @ w[f"{m}.down_proj.weight"].T
+        gated = F.silu(h @ w[f"{m}.gate_proj.weight"].T) * (h @ w[f"{m}.up_proj.weight"].T)
+        x = x + gated @ w[f"{m}.down_proj.weight"].T
         return _rms(x, w[f"{p}.final_layernorm.weight"], c.rms_norm_eps)
 
 

@@ -20,10 +20,11 @@ STEPS = 3
 BATCH = 8
 
 
-def _cfg(path, **megatron) -> PolicyWorkerConfig:
+def _cfg(path, depth_attention: str = "causal", **megatron) -> PolicyWorkerConfig:
     return PolicyWorkerConfig(model_path=str(path), megatron=MegatronConfig(micro_batch_size=2, **megatron),
                               optim=OptimConfig(lr=1e-3), algorithm=AlgorithmConfig(),
-                              mtp=MtpConfig(enabled=True, num_speculative_tokens=2, optim=OptimConfig(lr=3e-3)))
+                              mtp=MtpConfig(enabled=True, num_speculative_tokens=2, optim=OptimConfig(lr=3e-3),
+                                            depth_attention=depth_attention))
 
 
 def _batch(step: int, rows: int = BATCH) -> dict[str, torch.Tensor]:
@@ -46,16 +47,19 @@ def _adam_numel(opt) -> int:
 
 
 # ---------------------------------------------------------------- recompute
-@pytest.mark.parametrize("mode", ["selective", "full"])
-def test_recompute_gives_identical_gradients(megatron_single, tiny_ckpt, mode):
+@pytest.mark.parametrize("mode,depth_attention", [("selective", "causal"), ("full", "causal"),
+                                                   ("full", "drafter_cache")])
+def test_recompute_gives_identical_gradients(megatron_single, tiny_ckpt, mode, depth_attention):
     """Megatron's recompute re-runs the same CPU kernels on the same inputs: the trunk's and the
     head's gradients are bitwise those without recompute (and the head's are not zero: Megatron's
-    full recompute of an MTP layer on detached inputs would silently give it none)."""
+    full recompute of an MTP layer on detached inputs would silently give it none). With the
+    drafter-cache attention the recomputed core attention reads the same draft chain (it rides in
+    the checkpointed closure)."""
     from skyrl_mtp.workers.policy import MegatronPolicy
 
     grads = {}
     for name in ("none", mode):
-        policy = MegatronPolicy(_cfg(tiny_ckpt, recompute=name), init_distributed=False)
+        policy = MegatronPolicy(_cfg(tiny_ckpt, depth_attention, recompute=name), init_distributed=False)
         assert policy.trunk.config.recompute_granularity == (None if name == "none" else mode)
         policy.accumulate_gradients(_batch(0))
         grads[name] = (_grads(policy.trunk), _grads(policy.head))
@@ -65,6 +69,21 @@ def test_recompute_gives_identical_gradients(megatron_single, tiny_ckpt, mode):
             assert torch.equal(ref[n], got[n]), (n, (ref[n] - got[n]).abs().max().item())
     head_ref = grads["none"][1]
     assert sum(g.abs().sum().item() for g in head_ref.values()) > 0
+
+
+def test_drafter_cache_attention_changes_the_head_gradients_only(megatron_single, tiny_ckpt):
+    """trainer.mtp.depth_attention reaches the training path: with two depths the head's gradients
+    differ between the two replays, the trunk's are bitwise the same."""
+    from skyrl_mtp.workers.policy import MegatronPolicy
+
+    grads = {}
+    for mode in ("causal", "drafter_cache"):
+        policy = MegatronPolicy(_cfg(tiny_ckpt, mode), init_distributed=False)
+        policy.accumulate_gradients(_batch(0))
+        grads[mode] = (_grads(policy.trunk), _grads(policy.head))
+    trunk, head = zip(grads["causal"], grads["drafter_cache"])
+    assert all(torch.equal(trunk[0][n], trunk[1][n]) for n in trunk[0])
+    assert max((head[0][n] - head[1][n]).abs().max().item() for n in head[0]) > 1e-6
 
 
 # ---------------------------------------------------------------- distributed optimizer
@@ -297,6 +316,19 @@ def test_invariance_tool_with_distributed_optimizer_and_full_recompute(tiny_ckpt
 
     argv = ["--steps", "2", "--mini-batches", "2", "--model", str(tiny_ckpt), "--distributed-optimizer",
             "--recompute", "full"]
+    report = invariance(argv)
+    assert report["identical"] is True and report["max_abs_diff"] == 0.0
+    leak = invariance(argv + ["--attach-output-layer"])
+    assert leak["identical"] is False and leak["max_abs_diff"] > 0
+
+
+def test_invariance_tool_with_the_drafter_cache_attention(tiny_ckpt):
+    """Three draft depths replayed as vLLM's drafter runs them: the policy is still bitwise the one
+    trained without MTP, and the negative control is caught."""
+    from skyrl_mtp.tools.check_policy_invariance import main as invariance
+
+    argv = ["--steps", "2", "--mini-batches", "2", "--model", str(tiny_ckpt), "--num-depths", "3",
+            "--depth-attention", "drafter_cache", "--loss-type", "tv"]
     report = invariance(argv)
     assert report["identical"] is True and report["max_abs_diff"] == 0.0
     leak = invariance(argv + ["--attach-output-layer"])
