@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A/B of trainer.mtp.depth_attention on the CPU demo with the policy frozen (lr 1e-12): the heads
 # distil the same warm-started policy and are measured on its rollouts; k=2 (the demo's) and k=3.
-cd /tmp/ab2/src
+cd /tmp/ab2/src   # a git archive of 43b5c4e
 for k in 2 3; do
   for mode in causal drafter_cache; do
     PYTHON=/work/main/.venv/bin/python bash examples/train/spec_decode/tiny_cpu_dapo.sh trainer.total_steps=40 \
