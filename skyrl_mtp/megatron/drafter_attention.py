@@ -19,11 +19,10 @@ chain and, from depth 2, computes the attention above; otherwise it runs the ori
 and the chain's earlier entries are detached: the depth-d loss trains the head through the query
 and its own key and value, with what earlier depths wrote held fixed (their own losses train it).
 
-Math: one dense pass, scores ``[b, heads, s, s]`` against the depth-1 keys under the causal mask
-plus one score per chain entry on the diagonal, softmax over both, in float32 (or wider). Packed
-(THD) input runs it per sequence. It stands in for TE's fused kernels at depths >= 2 (a dense
-``[s, s]`` score per head, like Megatron's local attention), so its memory grows with the longest
-sequence squared.
+Math: torch's ``scaled_dot_product_attention`` over the depth-1 keys and the chain's keys side by
+side, with a mask that lets each query read the cache causally and its own chain's entries only
+(:func:`drafter_attention`); packed (THD) input runs it per sequence. It stands in for TE's kernels
+at depths >= 2; the keys it reads are (1 + chain length) x the sequence, mostly masked.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ import types
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 _ORIGINAL = "_skyrl_original_forward"
 
@@ -116,20 +116,17 @@ def drafter_attention(query: torch.Tensor, cache_k: torch.Tensor, cache_v: torch
     """``query`` ``[s, b, heads, dim]`` at depth d; the depth-1 ``cache_k`` / ``cache_v`` and the
     chain's entries for depths 2..d ``[s, b, groups, dim]`` (entry e at row i: depth e of base i);
     ``mask`` ``[b or 1, 1, s, s]``, True where the depth-1 key may not be read (the causal mask).
-    Returns ``[s, b, heads * dim]``."""
+    Returns ``[s, b, heads * dim]``.
+
+    One ``scaled_dot_product_attention`` over the keys ``[cache | chain_2 | ... | chain_d]`` (s each)
+    with a mask that lets row i read the cache causally and only row i of every chain block, so
+    on GPUs it takes a fused memory-efficient kernel (no ``[s, s]`` scores kept for backward).
+    """
     s, b, heads, dim = query.shape
-    repeat = heads // cache_k.shape[2]  # grouped-query attention: each key group serves `repeat` heads
-    work = torch.promote_types(query.dtype, torch.float32)  # bf16 inputs: float32 scores and softmax
-
-    def expand(t: torch.Tensor) -> torch.Tensor:
-        return (t.repeat_interleave(repeat, dim=2) if repeat > 1 else t).to(work)
-
-    q = query.to(work)
-    scores = torch.einsum("sbhd,tbhd->bhst", q, expand(cache_k)) * scale
-    scores = scores.masked_fill(mask, float("-inf"))
-    diagonal = torch.stack([torch.einsum("sbhd,sbhd->bhs", q, expand(k)) * scale for k in chain_k], dim=-1)
-    probs = torch.cat([scores, diagonal], dim=-1).softmax(dim=-1)
-    out = torch.einsum("bhst,tbhd->sbhd", probs[..., :s], expand(cache_v))
-    for e, v in enumerate(chain_v):
-        out = out + probs[..., s + e].permute(2, 0, 1)[..., None] * expand(v)
-    return out.reshape(s, b, heads * dim).to(query.dtype)
+    keys = torch.cat([cache_k, *chain_k], dim=0).permute(1, 2, 0, 3)  # [b, groups, s * (1 + m), dim]
+    values = torch.cat([cache_v, *chain_v], dim=0).permute(1, 2, 0, 3)
+    own = torch.eye(s, dtype=torch.bool, device=query.device).expand(*mask.shape[:2], s, s)
+    allowed = torch.cat([~mask, *([own] * len(chain_k))], dim=-1)  # True: may be read
+    out = F.scaled_dot_product_attention(query.permute(1, 2, 0, 3), keys.to(query.dtype), values.to(query.dtype),
+                                         attn_mask=allowed, scale=scale, enable_gqa=heads != keys.shape[1])
+    return out.permute(2, 0, 1, 3).reshape(s, b, heads * dim)

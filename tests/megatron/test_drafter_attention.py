@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from skyrl_mtp.megatron.bridge import load_module_state, make_bridge, split_trunk_and_mtp
 from skyrl_mtp.megatron.drafter_attention import drafter_attention
-from skyrl_mtp.megatron.model_builder import BuildOptions, build_mtp_block, build_trunk, causal_mask
+from skyrl_mtp.megatron.model_builder import causal_mask
 from skyrl_mtp.megatron.packed_attention import packed_seq_params
 from skyrl_mtp.models.checkpoint import random_hf_state_dict
 from skyrl_mtp.models.mimo import get_preset
 from skyrl_mtp.mtp.replay import MtpCapture, replay_mtp
+from tests.megatron.test_packed_attention import _models
 
 B, S, DEPTHS = 2, 12, 3
 
@@ -105,21 +105,12 @@ def reference_drafts(w, cfg, trunk_hidden, ids, depths):
 
 
 # ----------------------------------------------------------------------------- Megatron replay
-def _build(cfg, hf, packed: bool):
-    trunk_state, head_state = split_trunk_and_mtp(make_bridge(cfg).hf_to_megatron(hf))
-    opts = BuildOptions(packed=packed)
-    trunk, head = build_trunk(cfg, opts), build_mtp_block(cfg, opts)
-    load_module_state(trunk, trunk_state, what="trunk")
-    load_module_state(head, head_state, what="mtp head")
-    return trunk.eval(), head.eval()
-
-
 @pytest.fixture(scope="module")
 def models(megatron_single):
     cfg = get_preset("tiny").replace(init_std=0.2)  # larger weights: attention far from uniform
     hf = random_hf_state_dict(cfg, seed=5)
     hf = {k: (v + 0.1 * torch.randn_like(v)) if v.dim() == 1 else v for k, v in hf.items()}
-    return cfg, hf, *_build(cfg, hf, packed=False)
+    return cfg, hf, *_models(cfg, hf, packed=False)
 
 
 def _replay(trunk, head, ids, depth_attention, packed=None):
@@ -165,7 +156,7 @@ def test_drafter_cache_keeps_packed_sequences_apart(models):
     cfg, hf, trunk, head = models
     lengths = [7, 5]
     ids = torch.randint(4, cfg.vocab_size, (1, sum(lengths)), generator=torch.Generator().manual_seed(4))
-    packed, _ = _replay(*_build(cfg, hf, packed=True), ids, "drafter_cache", packed=lengths)
+    packed, _ = _replay(*_models(cfg, hf, packed=True), ids, "drafter_cache", packed=lengths)
     start = 0
     for n in lengths:
         alone, _ = _replay(trunk, head, ids[:, start:start + n], "drafter_cache")
