@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from skyrl_mtp.mtp._vocab_parallel import (
+from skyrl_mtp.mtp.vocab_parallel import (
     VocabShard,
     all_gather_last_dim,
     all_reduce_max,
@@ -215,7 +215,7 @@ class Collectives(Protocol):
 
 
 class DistCollectives:
-    """torch.distributed over the shard's group: :mod:`skyrl_mtp.mtp._vocab_parallel`'s collectives
+    """torch.distributed over the shard's group: :mod:`skyrl_mtp.mtp.vocab_parallel`'s collectives
     (no-ops for a group of one)."""
 
     def __init__(self, shard: VocabShard) -> None:

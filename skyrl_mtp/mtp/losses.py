@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from skyrl_mtp.mtp._vocab_parallel import (
+from skyrl_mtp.mtp.vocab_parallel import (
     VocabShard,
     all_gather_last_dim,
     all_reduce_max,

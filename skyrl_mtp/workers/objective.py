@@ -32,10 +32,10 @@ import torch
 from skyrl_mtp.config.schema import AlgorithmConfig
 from skyrl_mtp.mtp.losses import acceptance_probability, draft_loss, draft_loss_from_hidden, shift_mask
 from skyrl_mtp.mtp.replay import MtpCapture, mtp_logits, replay_mtp
+from skyrl_mtp.mtp.vocab_parallel import token_logprobs_and_entropy
 from skyrl_mtp.rl.kl import kl_penalty
 from skyrl_mtp.rl.policy_loss import aggregate_loss, compute_policy_loss
 from skyrl_mtp.rl.tis import mismatch_stats, truncated_is_weights
-from skyrl_mtp.workers.vocab_parallel import token_logprobs_and_entropy
 
 
 # Gather the counted positions before the draft head's vocabulary projection only when at most

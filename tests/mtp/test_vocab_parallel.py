@@ -5,7 +5,7 @@ gradient through the logits, padded vocab columns, temperature, and the caller's
 import pytest
 import torch
 
-from skyrl_mtp.workers.vocab_parallel import token_logprobs_and_entropy
+from skyrl_mtp.mtp.vocab_parallel import token_logprobs_and_entropy
 
 
 def _reference(logits, targets, vocab_size, temperature):
