@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from skyrl_mtp.megatron.packed_attention import sequence_bounds
+
 _ORIGINAL = "_skyrl_original_forward"
 
 
@@ -97,7 +99,7 @@ def _forward(core, query, key, value, attention_mask, attn_mask_type=None, atten
         if attention_mask is None:
             attention_mask = torch.ones(query.shape[0], query.shape[0], dtype=torch.bool, device=query.device).triu(1)
         return drafter_attention(query, cache_k, cache_v, chain_k, chain_v, attention_mask, scale)
-    bounds = packed_seq_params.cu_seqlens_q.tolist()
+    bounds = sequence_bounds(packed_seq_params)
     outputs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:

@@ -24,6 +24,9 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from skyrl_mtp.megatron.model_builder import causal_mask
 
 
+_HOST_BOUNDS = "_skyrl_host_bounds"
+
+
 def packed_seq_params(lengths: list[int], device: torch.device | str) -> PackedSeqParams:
     """Megatron's description of sequences of these lengths packed back to back (no padding
     between them; TE reads int32 boundaries)."""
@@ -31,10 +34,23 @@ def packed_seq_params(lengths: list[int], device: torch.device | str) -> PackedS
         raise ValueError(f"packed sequences need lengths >= 1, got {lengths}")
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
+    bounds = cu.tolist()
     cu = cu.to(device)
     longest = max(lengths)
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                           max_seqlen_kv=longest)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                             max_seqlen_kv=longest)
+    setattr(params, _HOST_BOUNDS, bounds)
+    return params
+
+
+def sequence_bounds(params: PackedSeqParams) -> list[int]:
+    """``cu_seqlens`` as a host list. Kept on the params object, so the per-layer attention of a
+    packed micro-batch does not read the GPU tensor back (a device sync) once per layer."""
+    bounds = getattr(params, _HOST_BOUNDS, None)
+    if bounds is None:
+        bounds = params.cu_seqlens_q.tolist()
+        setattr(params, _HOST_BOUNDS, bounds)
+    return bounds
 
 
 class PackedDotProductAttention(DotProductAttention):
@@ -59,9 +75,10 @@ class PackedDotProductAttention(DotProductAttention):
                                    attention_bias=attention_bias)
         if packed_seq_params.qkv_format != "thd":
             raise ValueError(f"PackedDotProductAttention takes qkv_format='thd', got {packed_seq_params.qkv_format!r}")
-        if not torch.equal(packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv):
+        cu_q, cu_kv = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
+        if cu_q is not cu_kv and not torch.equal(cu_q, cu_kv):  # `is`: no device read per layer
             raise ValueError("PackedDotProductAttention is self-attention: cu_seqlens_q must equal cu_seqlens_kv")
-        bounds = packed_seq_params.cu_seqlens_q.tolist()
+        bounds = sequence_bounds(packed_seq_params)
         if bounds[-1] != query.shape[0]:
             raise ValueError(f"cu_seqlens cover {bounds[-1]} tokens, the packed input has {query.shape[0]}")
         outputs = []

@@ -81,7 +81,9 @@ def sequence_starts(packed_seq_params=None) -> torch.Tensor:
     """Indices along the sequence dim where a sequence begins (0, or every packed segment start)."""
     if packed_seq_params is None:
         return torch.tensor([0])
-    return packed_seq_params.cu_seqlens_q[:-1].long().cpu()
+    from skyrl_mtp.megatron.packed_attention import sequence_bounds
+
+    return torch.tensor(sequence_bounds(packed_seq_params)[:-1], dtype=torch.long)
 
 
 DEPTH_ATTENTION = ("causal", "drafter_cache")
