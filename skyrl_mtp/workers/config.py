@@ -63,3 +63,6 @@ class PolicyWorkerConfig:
             raise ValueError(f"trainer.mtp.num_speculative_tokens must be >= 1, got {mtp.num_speculative_tokens}")
         if mtp.loss_type not in LOSS_TYPES:
             raise ValueError(f"trainer.mtp.loss_type={mtp.loss_type!r} is unknown; choose one of {list(LOSS_TYPES)}")
+        if mtp.depth_attention == "drafter_cache" and num_mtp_layers > 1:  # vLLM drafts with the first layer only
+            raise ValueError(f"trainer.mtp.depth_attention=drafter_cache models vLLM drafting with one MTP layer; the "
+                             f"model has {num_mtp_layers}: set trainer.mtp.depth_attention=causal")

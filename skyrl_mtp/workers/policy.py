@@ -26,6 +26,7 @@ import torch
 
 from skyrl_mtp.megatron.bridge import (load_module_state, make_bridge, module_state, read_megatron_shard,
                                       split_trunk_and_mtp)
+from skyrl_mtp.megatron.drafter_attention import install as install_drafter_attention
 from skyrl_mtp.megatron.model_builder import (BuildOptions, build_device, build_head_embedding, build_mtp_block,
                                               build_trunk, causal_mask)
 from skyrl_mtp.megatron.pipeline import (check_pipeline_layout, current_stage, finalize_grads, gather_stages, global_names,
@@ -204,6 +205,8 @@ class MegatronPolicy:
         if self.mtp_on and self.stage.last:
             self.head = build_mtp_block(self.model_cfg, opts)
             load_module_state(self.head, head_state, what=f"MTP head ({cfg.model_path})")
+            if cfg.mtp.depth_attention == "drafter_cache":  # here, so a head it cannot serve fails at start-up
+                install_drafter_attention(self.head.layers[0])
             if not self.stage.first:
                 self.head_embedding = build_head_embedding(self.model_cfg, opts)
                 load_module_state(self.head_embedding, {"word_embeddings.weight": trunk_state["embedding.word_embeddings.weight"]},

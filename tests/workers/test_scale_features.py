@@ -322,6 +322,16 @@ def test_invariance_tool_with_distributed_optimizer_and_full_recompute(tiny_ckpt
     assert leak["identical"] is False and leak["max_abs_diff"] > 0
 
 
+def test_drafter_cache_attention_is_refused_for_a_head_of_several_layers(tiny_ckpt):
+    """vLLM's proposer runs the first MTP layer at every draft step, so the drafter-cache replay of a
+    deeper head would train an attention no engine runs: refused when the worker starts."""
+    _cfg(tiny_ckpt, "drafter_cache").validate(1)
+    with pytest.raises(ValueError, match=r"depth_attention=drafter_cache models vLLM drafting with one MTP layer; "
+                                         r"the model has 2"):
+        _cfg(tiny_ckpt, "drafter_cache").validate(2)
+    _cfg(tiny_ckpt, "causal").validate(2)
+
+
 def test_invariance_tool_with_the_drafter_cache_attention(tiny_ckpt):
     """Three draft depths replayed as vLLM's drafter runs them: the policy is still bitwise the one
     trained without MTP, and the negative control is caught."""
