@@ -39,6 +39,8 @@ def main() -> dict:
     p.add_argument("--topk", type=int, default=64)
     p.add_argument("--chunk-size", type=int, default=1024)
     p.add_argument("--depths", type=int, default=1)
+    p.add_argument("--depth-attention", default="causal", choices=["causal", "drafter_cache"],
+                   help="how depths >= 2 attend in the head's replay (trainer.mtp.depth_attention)")
     p.add_argument("--microbatch-share", type=float, default=1.0,
                    help="below 1: a third variant, the head trained on this share of the micro-batches")
     p.add_argument("--steps", type=int, default=5)
@@ -62,7 +64,7 @@ def main() -> dict:
         "shape": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "seq": args.seq,
                   "batch": args.batch, "micro_batch": args.micro_batch, "dtype": args.dtype},
         "trunk_params": n_params,
-        "loss_type": args.loss_type, "depths": args.depths,
+        "loss_type": args.loss_type, "depths": args.depths, "depth_attention": args.depth_attention,
         **results,
         "overhead": results["mtp_on"]["median_s"] / results["mtp_off"]["median_s"] - 1.0,
     }
@@ -93,7 +95,8 @@ def run_variant(args) -> dict:
                               megatron=MegatronConfig(micro_batch_size=args.micro_batch, params_dtype=args.dtype,
                                                       mtp_loss_chunk_size=args.chunk_size))
     mtp = MtpConfig(enabled=True, num_speculative_tokens=args.depths, loss_type=args.loss_type, topk=args.topk,
-                    microbatch_share=args.microbatch_share if args.variant == "mtp_share" else 1.0)
+                    microbatch_share=args.microbatch_share if args.variant == "mtp_share" else 1.0,
+                    depth_attention=args.depth_attention)
     policy = MegatronPolicy(base if args.variant == "mtp_off" else replace(base, mtp=mtp))
 
     def batch_for_step(step: int) -> dict:
