@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from skyrl_mtp.megatron.model_builder import causal_mask
 from skyrl_mtp.megatron.packed_attention import sequence_bounds
 
 _ORIGINAL = "_skyrl_original_forward"
@@ -97,7 +98,7 @@ def _forward(core, query, key, value, attention_mask, attn_mask_type=None, atten
     chain_v = [v for _, v in chain.chain] + [value]
     if packed_seq_params is None:
         if attention_mask is None:
-            attention_mask = torch.ones(query.shape[0], query.shape[0], dtype=torch.bool, device=query.device).triu(1)
+            attention_mask = causal_mask(query.shape[0], query.device)
         return drafter_attention(query, cache_k, cache_v, chain_k, chain_v, attention_mask, scale)
     bounds = sequence_bounds(packed_seq_params)
     outputs = []
@@ -108,7 +109,7 @@ def _forward(core, query, key, value, attention_mask, attn_mask_type=None, atten
         outputs.append(drafter_attention(
             query[part].unsqueeze(1), cache_k[part].unsqueeze(1), cache_v[part].unsqueeze(1),
             [k[part].unsqueeze(1) for k in chain_k], [v[part].unsqueeze(1) for v in chain_v],
-            torch.ones(end - start, end - start, dtype=torch.bool, device=query.device).triu(1)[None, None], scale))
+            causal_mask(end - start, query.device), scale))
     return torch.cat(outputs, dim=0)
 
 
