@@ -13,6 +13,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Bitwise comparisons on CUDA need deterministic kernels (cuBLAS reads this at handle creation).
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+# fp32 against fp32 / fp64 references on CUDA: Triton's tl.dot takes TF32 for fp32 inputs unless
+# told otherwise (fla's delta-rule kernels leave it at the default), 10-bit mantissas that a 2e-4
+# comparison would measure instead of the code. Set before any kernel compiles; bf16 inputs are unaffected.
+os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
 
 def pytest_configure(config):

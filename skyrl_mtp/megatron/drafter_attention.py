@@ -58,9 +58,12 @@ class DraftChain:
 
 
 def core_attention_of(mtp_layer: torch.nn.Module) -> torch.nn.Module:
-    """The core attention module of a Megatron MTP layer (its transformer layer's self-attention)."""
+    """The core attention module of a Megatron MTP layer (its transformer layer's self-attention;
+    the layer is ``transformer_layer`` in megatron-core 0.16, ``mtp_model_layer`` from 0.17)."""
+    from skyrl_mtp.megatron.bridge import mtp_submodule_name
+
     try:
-        return mtp_layer.transformer_layer.self_attention.core_attention
+        return getattr(mtp_layer, mtp_submodule_name()).self_attention.core_attention
     except AttributeError as err:
         raise ValueError(f"trainer.mtp.depth_attention=drafter_cache needs an MTP layer with a self-attention "
                          f"core attention; {type(mtp_layer).__name__} has none ({err}): set "

@@ -425,15 +425,13 @@ class RLTrainer:
         _log(f"checkpoint {path}")
 
     def export_final(self) -> Path:
-        from skyrl_mtp.models.checkpoint import save_hf_checkpoint
-        from skyrl_mtp.models.families import config_from_pretrained
-
-        out = self.run_dir / "hf_export"
-        cfg = config_from_pretrained(self.model_path)
-        # bf16 shards + index, as HF publishes checkpoints (half the bytes of fp32; vLLM and
-        # transformers load the index)
-        return save_hf_checkpoint(cfg, self.policy_weights(), out, tokenizer_from=self.model_path,
-                                  torch_dtype="bfloat16", max_shard_bytes=EXPORT_SHARD_BYTES)
+        """bf16 shards + index, as HF publishes checkpoints (half the bytes of fp32; vLLM and
+        transformers load the index), written by the policy rank that holds the weights."""
+        if not self.cfg.trainer.mtp.enabled:  # the checkpoint's frozen head completes the set
+            if self._frozen_head is None:
+                self._frozen_head = self.checkpoint_head()
+            self.policy.set_export_extras(self._frozen_head)
+        return self.policy.save_hf_export(self.run_dir / "hf_export", max_shard_bytes=EXPORT_SHARD_BYTES)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, float]:
@@ -468,6 +466,10 @@ class RLTrainer:
                     self.save()
         finally:
             tracker.close()
+        # The engines are done. A colocated engine asleep holds its weights on the host (23.5 GB at
+        # 7B), which the export needs: the one-H200 7B rehearsal ran the host out of memory here.
+        self.engines.shutdown()
+        self.engines = None
         export = self.export_final()
         jsonl = self.run_dir / "metrics.jsonl"
         if jsonl.is_file():

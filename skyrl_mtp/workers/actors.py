@@ -11,6 +11,7 @@ holds the export (TP rank 0, DP rank 0, first stage).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -68,6 +69,11 @@ class _PolicyActor:
     def export_hf_weights(self):
         self._ensure_thread()
         return self.policy.export_hf_weights()
+
+    def save_hf_export(self, out_dir: str, max_shard_bytes: int | None):
+        self._ensure_thread()
+        return self.policy.save_hf_export(out_dir, extras=getattr(self, "_export_extras", None),
+                                          max_shard_bytes=max_shard_bytes)
 
     # -- GPU weight sync (cuda_ipc transport; the sending side lives on the rank that holds the weights)
 
@@ -219,6 +225,12 @@ class WorkerGroup:
 
     def export_hf_weights(self) -> dict[str, torch.Tensor]:
         return next(w for w in ray.get([a.export_hf_weights.remote() for a in self.actors]) if w is not None)
+
+    def save_hf_export(self, out_dir: str | Path, max_shard_bytes: int | None = None) -> Path:
+        """The export holder writes the HF checkpoint itself (the weights never travel through Ray);
+        `out_dir` must be on storage that rank sees, as for checkpoints."""
+        paths = ray.get([a.save_hf_export.remote(str(out_dir), max_shard_bytes) for a in self.actors])
+        return next(Path(p) for p in paths if p is not None)
 
     # -- the IpcWeightSource of skyrl_mtp.inference.transports.cuda_ipc: the rank holding the full weights sends
 

@@ -471,6 +471,22 @@ class MegatronPolicy:
             hf = {k: v.to(dtype) for k, v in hf.items()}
         return {k: v.detach() if on_device else v.detach().cpu() for k, v in hf.items()}
 
+    def save_hf_export(self, out_dir: str | Path, *, extras: dict[str, torch.Tensor] | None = None,
+                       max_shard_bytes: int | None = None) -> Path | None:
+        """Writes the HF checkpoint (bf16 shards + index, config, tokenizer) from the export holder;
+        None elsewhere. Collective like :meth:`export_hf_weights`. The tensors stay on the device
+        and reach the host one shard at a time: a 7B policy with its optimizer state offloaded
+        already fills most of the host, and a host copy of every weight (plus Ray's copy on the way
+        to the driver) was what ran the one-H200 rehearsal out of memory at its final export.
+        `extras` (the frozen head with MTP off) complete the set."""
+        from skyrl_mtp.models.checkpoint import save_hf_checkpoint
+
+        hf = self.export_hf_weights(on_device=True)
+        if hf is None:
+            return None
+        return save_hf_checkpoint(self.model_cfg, {**(extras or {}), **hf}, out_dir, torch_dtype="bfloat16",
+                                  tokenizer_from=self.cfg.model_path, max_shard_bytes=max_shard_bytes)
+
     @property
     def holds_export(self) -> bool:
         """Whether export_hf_weights returns the weights on this rank."""
