@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3.11}
 stamp="$VENV/.skyrl_mtp_stamp"
-want=$(cat pyproject.toml requirements/cpu-constraints.txt scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml requirements/cpu-constraints.txt requirements/gpu-megatron.txt scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
   exit 0
 fi
@@ -37,4 +37,12 @@ import torch, vllm, megatron.core, ray  # noqa: F401  (fail here, not in the fir
 from transformers import Qwen2ForCausalLM  # noqa: F401
 print(f"setup_env: torch {torch.__version__}, vllm {vllm.__version__}, megatron-core {megatron.core.__version__}, ray {ray.__version__}")
 PY
+# The GPU stack's megatron-core, unpacked (not installed: its wheels are for Python 3.12) for the
+# second test pass of `make test` (requirements/gpu-megatron.txt says why).
+rm -rf "$VENV/mcore_gpu" /tmp/skyrl_mtp_mcore_gpu && mkdir -p /tmp/skyrl_mtp_mcore_gpu
+$pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 -r requirements/gpu-megatron.txt -d /tmp/skyrl_mtp_mcore_gpu
+"$VENV/bin/python" -m zipfile -e /tmp/skyrl_mtp_mcore_gpu/megatron_core-*.whl "$VENV/mcore_gpu"
+PYTHONPATH="$VENV/mcore_gpu" "$VENV/bin/python" -W ignore -c \
+  "import megatron.core as m; print(f'setup_env: GPU-stack megatron-core {m.__version__} in $VENV/mcore_gpu')"
 echo "$want" > "$stamp"

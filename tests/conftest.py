@@ -19,6 +19,18 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
 
+def pytest_report_header(config):
+    """Which megatron-core the run tests (`make test` runs the Megatron-facing tests on two)."""
+    from importlib.util import find_spec
+
+    spec = find_spec("megatron.core")
+    if spec is None:
+        return "megatron-core: not installed"
+    import megatron.core
+
+    return f"megatron-core {megatron.core.__version__} ({spec.origin})"
+
+
 def pytest_configure(config):
     import torch
 

@@ -18,7 +18,7 @@ mkdir -p .gpu_parts
 for set in "${sets[@]}"; do
   case $set in
     megatron)
-      pip download -q $P --no-deps -d .gpu_wheels megatron-core==0.19.2 numpy safetensors pytest iniconfig pluggy \
+      pip download -q $P --no-deps -d .gpu_wheels -r requirements/gpu-megatron.txt numpy safetensors pytest iniconfig pluggy \
         transformers==5.19.0 tokenizers==0.23.3 huggingface_hub==2.4.0 hf-xet regex pyyaml tqdm filelock fsspec \
         packaging typing_extensions einops httpx httpcore anyio h11 sniffio typer click shellingham rich \
         markdown_it_py mdurl pygments annotated-doc httpx2==2.16.2 httpcore2==2.16.2 idna truststore ;;

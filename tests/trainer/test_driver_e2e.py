@@ -97,6 +97,14 @@ def test_rl_loop_without_mtp_has_no_mtp_metrics(tmp_path):
     for row in metrics_rows(tmp_path / "run"):
         assert "policy/loss" in row and "policy/kl" in row
         assert not [k for k in row if k.startswith("mtp/") or "draft" in k or "accept" in k], row
+    # The policy rank writes the export; with MTP off the checkpoint's untrained head completes it.
+    from skyrl_mtp.models.checkpoint import load_hf_state_dict
+
+    init = load_hf_state_dict(tmp_path / "run" / "init_model")
+    exported = load_hf_state_dict(tmp_path / "run" / "hf_export")
+    head = [k for k in init if ".mtp_layers." in k]
+    assert head and exported.keys() == init.keys()
+    assert all(torch.equal(exported[k], init[k].to(torch.bfloat16)) for k in head)
 
 
 @pytest.mark.slow
