@@ -36,6 +36,9 @@ def pytest_configure(config):
 
     if torch.cuda.is_available():
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # cuDNN's convolutions (the Gated DeltaNet's causal conv without causal-conv1d) take TF32 by
+        # default; fp32 comparisons want fp32 (see TRITON_F32_DEFAULT above).
+        torch.backends.cudnn.allow_tf32 = False
 
 
 @pytest.fixture(scope="session")

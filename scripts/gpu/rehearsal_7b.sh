@@ -4,7 +4,8 @@
 #   OUT=$OUT bash scripts/gpu/rehearsal_7b.sh install   # after the parts v00..v06, r00, r01 reached /tmp/parts
 #   OUT=$OUT bash scripts/gpu/rehearsal_7b.sh run [overrides...]
 # Two calls, because one 10-minute call did not hold install + start-up + 10 steps on the machine
-# of 2026-12-02 s5 (install 70 s, start-up ~280 s, first step 111 s, then ~26 s a step).
+# of 2026-12-02 s5 (install 70 s, start-up ~280 s, first step 111 s, then ~26 s a step). In s6 the run
+# went detached between short calls (docs/gpu.md).
 # The run samples GPU and host memory every 0.5 s, copies metrics.jsonl to $OUT every 5 s (so a
 # call cut short still returns the steps done), and the actors' logs at the end.
 set -uo pipefail
@@ -31,6 +32,8 @@ case ${1:?usage: $0 install|run [overrides...]} in
     echo "exit $?" >> "$OUT/run7b.log"
     kill "${samplers[@]}"
     cp /tmp/run7b/metrics.jsonl /tmp/run7b/summary.md "$OUT/" 2>/dev/null
+    # the final export: its index and files (the sixth session's run died here, host out of memory)
+    (cp /tmp/run7b/hf_export/model.safetensors.index.json "$OUT/" && ls -l /tmp/run7b/hf_export) > "$OUT/hf_export.txt" 2>&1
     tar czf "$OUT/actor_logs.tgz" -C /tmp/run7b logs 2>/dev/null
     python3 scripts/run_phase_report.py /tmp/run7b/metrics.jsonl > "$OUT/phase_report.json" 2>&1
     grep -v "logging.cc" "$OUT/run7b.log" | tail -5 ;;
