@@ -11,7 +11,8 @@
 #   - Megatron's distributed optimizer with most of its fp32 master weights, Adam state and step on
 #     the host (optimizer offload);
 #   - full activation recompute and sequence packing (no padding; 16k tokens per micro-batch).
-# MODEL=random ran 8 DAPO steps on one H200 at ~21 s a step (docs/performance.md); a real checkpoint has not run.
+# MODEL=random ran 10 DAPO steps on one H200 at 22.8 s a step (docs/performance.md); a real checkpoint has not run.
+# The host needs ~110 GB of memory: 60% of the optimizer (~84 GB) and the sleeping engine's weights (~24 GB).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 MODEL=${MODEL:-XiaomiMiMo/MiMo-7B-RL}
