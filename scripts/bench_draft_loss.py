@@ -75,7 +75,9 @@ def parse_args() -> argparse.Namespace:
                         help="compute bound's dense bf16 rate (default: H200 8192^3 matmul measured here)")
     parser.add_argument("--hidden", type=int, default=0,
                         help="projection mode: hidden size H (0: the loss on given logits, as before)")
-    parser.add_argument("--fused-chunk-rows", type=int, default=None)
+    parser.add_argument("--fused-chunk-rows", type=int, nargs="+", default=[None],
+                        help="projection mode: the fused path's rows per chunk (default: its own); several values "
+                             "are measured side by side as fused_rows<N>")
     parser.add_argument("--fp64-check", action="store_true", help="projection mode: errors vs a float64 reference")
     parser.add_argument("--variants", nargs="+", default=None, help="projection mode: subset of variants")
     parser.add_argument("--loss-types", nargs="+", choices=LOSS_TYPES, default=list(LOSS_TYPES))
@@ -285,7 +287,7 @@ def _reference_fp64(hidden, weight, teacher, mask, labels, loss_type, topk, temp
 
 
 def projection_mode(args: argparse.Namespace) -> dict:
-    from skyrl_mtp.mtp.fused_loss import fused_linear_draft_loss
+    from skyrl_mtp.mtp.fused_loss import DEFAULT_CHUNK_ROWS, fused_linear_draft_loss
 
     device, dtype = args.device, getattr(torch, args.dtype)
     rows, vocab, hidden_size = args.batch * args.seq, args.vocab, args.hidden
@@ -320,12 +322,15 @@ def projection_mode(args: argparse.Namespace) -> dict:
                               False),
             "naive_fp32": (lambda h: naive_loss((h @ weight.t())[None], teacher[None], mask[None], labels[None],
                                                 loss_type, args.topk, args.temperature), False),
-            "fused": (lambda h: fused_linear_draft_loss(h, weight, mask, teacher_logits=teacher,
-                                                        chunk_rows=args.fused_chunk_rows, **common), False),
         }
-        if loss_type != "hard_ce":
-            out["fused_teacher_hidden"] = (lambda h: fused_linear_draft_loss(
-                h, weight, mask, teacher_hidden=teacher_hidden, chunk_rows=args.fused_chunk_rows, **common), True)
+        several = len(args.fused_chunk_rows) > 1
+        for rows in args.fused_chunk_rows:
+            suffix = f"_rows{rows or DEFAULT_CHUNK_ROWS}" if several else ""
+            out[f"fused{suffix}"] = (lambda h, rows=rows: fused_linear_draft_loss(
+                h, weight, mask, teacher_logits=teacher, chunk_rows=rows, **common), False)
+            if loss_type != "hard_ce":
+                out[f"fused_teacher_hidden{suffix}"] = (lambda h, rows=rows: fused_linear_draft_loss(
+                    h, weight, mask, teacher_hidden=teacher_hidden, chunk_rows=rows, **common), True)
         liger, why_not = _liger_loss(loss_type, args.temperature)
         if liger is None:
             skipped[loss_type] = why_not
@@ -333,8 +338,8 @@ def projection_mode(args: argparse.Namespace) -> dict:
             out["liger"] = (lambda h: liger(weight, h, labels_ignored), False)
         else:
             out["liger"] = (lambda h: liger(h, weight, teacher_hidden, weight, labels_ignored), True)
-        if args.variants:
-            out = {k: v for k, v in out.items() if k in args.variants}
+        if args.variants:  # "fused" also selects fused_rows<N>
+            out = {k: v for k, v in out.items() if k in args.variants or k.split("_rows")[0] in args.variants}
         return out
 
     results, skipped = {}, {}
