@@ -22,6 +22,8 @@ from dataclasses import replace
 import torch
 from bench_common import run_variants, time_train_steps
 
+from skyrl_mtp.mtp.replay import DEPTH_ATTENTION
+
 
 def main() -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,7 +41,7 @@ def main() -> dict:
     p.add_argument("--topk", type=int, default=64)
     p.add_argument("--chunk-size", type=int, default=1024)
     p.add_argument("--depths", type=int, default=1)
-    p.add_argument("--depth-attention", default="causal", choices=["causal", "drafter_cache"],
+    p.add_argument("--depth-attention", default="causal", choices=DEPTH_ATTENTION,
                    help="how depths >= 2 attend in the head's replay (trainer.mtp.depth_attention)")
     p.add_argument("--microbatch-share", type=float, default=1.0,
                    help="below 1: a third variant, the head trained on this share of the micro-batches")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from skyrl_mtp.mtp.losses import LOSS_TYPES
+from skyrl_mtp.mtp.replay import DEPTH_ATTENTION
 
 
 class ConfigError(ValueError):
@@ -495,8 +496,8 @@ def validate_config(cfg: Config) -> Config:
             "the share of micro-batches the head trains on must be in (0, 1]")
     if t.mtp.depth_weighting not in ("uniform", "acceptance"):
         bad("trainer.mtp.depth_weighting", t.mtp.depth_weighting, "use one of ['uniform', 'acceptance']")
-    if t.mtp.depth_attention not in ("causal", "drafter_cache"):
-        bad("trainer.mtp.depth_attention", t.mtp.depth_attention, "use one of ['causal', 'drafter_cache']")
+    if t.mtp.depth_attention not in DEPTH_ATTENTION:
+        bad("trainer.mtp.depth_attention", t.mtp.depth_attention, f"use one of {list(DEPTH_ATTENTION)}")
     if g.draft_control not in ("fixed", "auto"):
         bad("generator.draft_control", g.draft_control, "use one of ['fixed', 'auto']")
     elif g.draft_control == "auto":

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from skyrl_mtp.mtp.losses import LOSS_TYPES
+from skyrl_mtp.mtp.replay import DEPTH_ATTENTION
 from skyrl_mtp.config.schema import AlgorithmConfig, MegatronConfig, MtpConfig, OptimConfig
 from skyrl_mtp.workers.config import PolicyWorkerConfig
 
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--topk", type=int, default=16)
     parser.add_argument("--num-depths", type=int, default=1)
     parser.add_argument("--chunk-size", type=int, default=None)
-    parser.add_argument("--depth-attention", default="causal", choices=["causal", "drafter_cache"],
+    parser.add_argument("--depth-attention", default="causal", choices=DEPTH_ATTENTION,
                         help="how depths >= 2 attend in the head's replay (trainer.mtp.depth_attention)")
     parser.add_argument("--model", default=None, help="HF checkpoint, mimo or qwen3_5 (default: a random one of --preset)")
     parser.add_argument("--preset", default="tiny", help="preset of the random checkpoint without --model (tiny, qwen3_5_tiny)")

@@ -43,6 +43,7 @@ class RLTrainer:
         self.ckpt = CheckpointManager(self.run_dir, cfg.trainer.keep_last_n)
         self.policy = self.ref = self.engines = self.retrieval_server = None
         self._frozen_head = None
+        self._policy_has_frozen_head = False  # send_frozen_head_to_policy
         self.draft_control = None  # generator.draft_control=auto: picks each step's k
         self.step = 0
 
@@ -377,9 +378,7 @@ class RLTrainer:
         engines copy them GPU to GPU; broadcast: the policy rank broadcasts the buckets to every
         engine worker (for both, export time is part of the sync)."""
         if self.engines.transport.name in ("cuda_ipc", "broadcast"):  # the policy rank sends: no host copy here
-            if not self.cfg.trainer.mtp.enabled and self._frozen_head is None:
-                self._frozen_head = self.checkpoint_head()
-                self.policy.set_export_extras(self._frozen_head)
+            self.send_frozen_head_to_policy()
             return self.engines.sync_weights(self.policy, version=version)
         t = time.time()
         weights = self.policy_weights()
@@ -394,14 +393,26 @@ class RLTrainer:
 
         return load_mtp_head(self.model_path, config_from_pretrained(self.model_path))
 
+    def frozen_head(self) -> dict[str, torch.Tensor]:
+        """The checkpoint's MTP head, read once: with MTP off it is not trained, and it completes the
+        weights the engines and the export need."""
+        if self._frozen_head is None:
+            self._frozen_head = self.checkpoint_head()
+        return self._frozen_head
+
+    def send_frozen_head_to_policy(self) -> None:
+        """With MTP off, the policy rank that sends the weights (GPU weight sync, the final export)
+        adds the frozen head to them: sent to it once."""
+        if not self.cfg.trainer.mtp.enabled and not self._policy_has_frozen_head:
+            self.policy.set_export_extras(self.frozen_head())
+            self._policy_has_frozen_head = True
+
     def policy_weights(self) -> dict[str, torch.Tensor]:
-        """The policy's HF-named tensors for the engines and the export. With MTP off the head is
-        not trained, so the checkpoint's own (frozen) head tensors complete the set."""
+        """The policy's HF-named tensors on the host, for the Ray weight transport (the frozen head
+        completes them with MTP off)."""
         weights = self.policy.export_hf_weights()
         if not self.cfg.trainer.mtp.enabled:
-            if self._frozen_head is None:
-                self._frozen_head = self.checkpoint_head()
-            weights = {**self._frozen_head, **weights}
+            weights = {**self.frozen_head(), **weights}
         return weights
 
     def evaluate(self) -> dict[str, float]:
@@ -427,10 +438,7 @@ class RLTrainer:
     def export_final(self) -> Path:
         """bf16 shards + index, as HF publishes checkpoints (half the bytes of fp32; vLLM and
         transformers load the index), written by the policy rank that holds the weights."""
-        if not self.cfg.trainer.mtp.enabled:  # the checkpoint's frozen head completes the set
-            if self._frozen_head is None:
-                self._frozen_head = self.checkpoint_head()
-            self.policy.set_export_extras(self._frozen_head)
+        self.send_frozen_head_to_policy()
         return self.policy.save_hf_export(self.run_dir / "hf_export", max_shard_bytes=EXPORT_SHARD_BYTES)
 
     # ------------------------------------------------------------------ the loop
