@@ -287,7 +287,7 @@ def _reference_fp64(hidden, weight, teacher, mask, labels, loss_type, topk, temp
 
 
 def projection_mode(args: argparse.Namespace) -> dict:
-    from skyrl_mtp.mtp.fused_loss import DEFAULT_CHUNK_ROWS, fused_linear_draft_loss
+    from skyrl_mtp.mtp.fused_loss import default_chunk_rows, fused_linear_draft_loss
 
     device, dtype = args.device, getattr(torch, args.dtype)
     rows, vocab, hidden_size = args.batch * args.seq, args.vocab, args.hidden
@@ -325,7 +325,7 @@ def projection_mode(args: argparse.Namespace) -> dict:
         }
         several = len(args.fused_chunk_rows) > 1
         for rows in args.fused_chunk_rows:
-            suffix = f"_rows{rows or DEFAULT_CHUNK_ROWS}" if several else ""
+            suffix = f"_rows{rows or default_chunk_rows(loss_type)}" if several else ""
             out[f"fused{suffix}"] = (lambda h, rows=rows: fused_linear_draft_loss(
                 h, weight, mask, teacher_logits=teacher, chunk_rows=rows, **common), False)
             if loss_type != "hard_ce":

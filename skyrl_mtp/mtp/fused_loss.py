@@ -58,8 +58,17 @@ from skyrl_mtp.mtp.vocab_parallel import (
 )
 
 # Rows per chunk: bounds the one chunk's logits buffer (2048 x 151,936 bf16 = 594 MiB) while
-# keeping the matmuls large enough to run at cuBLAS's full rate.
+# keeping the matmuls large enough to run at cuBLAS's full rate. topk_soft_ce takes 4096: its
+# per-row top-k pass amortises better over longer chunks (H200, H = 2048, V = 151,936, S = 8192:
+# 1.92x its compute bound at 4096 rows vs 1.99x at 2048, for 1,257 vs 645 MiB of extra memory;
+# docs/gpu_results/2026-12-02_h200_s7/bench_topk.json).
 DEFAULT_CHUNK_ROWS = 2048
+DEFAULT_CHUNK_ROWS_BY_LOSS = {"topk_soft_ce": 4096}
+
+
+def default_chunk_rows(loss_type: str) -> int:
+    """Rows per chunk the fused path uses for `loss_type` when none is given."""
+    return DEFAULT_CHUNK_ROWS_BY_LOSS.get(loss_type, DEFAULT_CHUNK_ROWS)
 _BLOCK_V = 2048  # vocabulary tile of the Triton passes (one row per program, fp32 registers)
 
 _MODE_SOFT_CE, _MODE_SPARSE, _MODE_TV = 0, 1, 2
@@ -267,7 +276,7 @@ def fused_linear_draft_loss(
         teacher_hidden: ``[*, H]`` the policy's hidden states instead; teacher logits are then
             recomputed per chunk with `weight`. Exactly one of the two for the losses that need
             a teacher; neither for hard_ce.
-        chunk_rows: rows per chunk (default :data:`DEFAULT_CHUNK_ROWS`).
+        chunk_rows: rows per chunk (default :func:`default_chunk_rows` of `loss_type`).
         collectives, tp_rank_and_size: replace torch.distributed over `tp_group` (tests emulate
             TP with threads on one device); normally left None.
 
@@ -332,7 +341,7 @@ def fused_linear_draft_loss(
     return _FusedDraftLoss.apply(
         hidden3d, weight.detach(), seq3d(teacher_logits, False), seq3d(teacher_hidden, False),
         seq3d(labels, True), seq3d(weights.reshape(lead) / total, True),
-        (loss_type, float(temperature), topk, shard, chunk_rows or DEFAULT_CHUNK_ROWS, comm),
+        (loss_type, float(temperature), topk, shard, chunk_rows or default_chunk_rows(loss_type), comm),
     ).reshape(())
 
 

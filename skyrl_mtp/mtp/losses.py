@@ -176,7 +176,7 @@ def draft_loss_from_hidden(
         teacher_logits, mask, loss_type, labels, topk, temperature, vocab_size, tp_group: as in
             :func:`draft_loss` (teacher ``[B, S, V_local]``).
         chunk_size: sequence positions per chunk for the eager path, rows per chunk for the
-            fused one (None: the whole sequence eagerly, 2048 rows fused).
+            fused one (None: the whole sequence eagerly; fused: `fused_loss.default_chunk_rows`).
         fused: True forces the fused path (CUDA with Triton, or ``TRITON_INTERPRET=1``), False
             the eager one; None (default) takes the fused path on CUDA when Triton is importable.
 
