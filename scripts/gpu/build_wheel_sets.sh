@@ -21,7 +21,9 @@ for set in "${sets[@]}"; do
       pip download -q $P --no-deps -d .gpu_wheels -r requirements/gpu-megatron.txt numpy safetensors pytest iniconfig pluggy \
         transformers==5.19.0 tokenizers==0.23.3 huggingface_hub==2.4.0 hf-xet regex pyyaml tqdm filelock fsspec \
         packaging typing_extensions einops httpx httpcore anyio h11 sniffio typer click shellingham rich \
-        markdown_it_py mdurl pygments annotated-doc httpx2==2.16.2 httpcore2==2.16.2 idna truststore ;;
+        markdown_it_py mdurl pygments annotated-doc httpx2==2.16.2 httpcore2==2.16.2 idna truststore \
+        loguru==0.7.3   # compressed-tensors' logger (vLLM's set takes it without dependencies); vLLM's Qwen3.5 imports it
+      ;;
     ray)
       pip download -q $P --no-deps -d .gpu_ray ray==2.60.0 hydra-core==1.3.8 omegaconf==2.3.1 msgpack==1.2.4 \
         jsonschema referencing rpds-py jsonschema-specifications attrs protobuf==7.36.2 psutil

@@ -23,7 +23,8 @@ from skyrl_mtp.megatron.qwen3_5 import gdn_module
 print('triton', triton.__version__, 'fla', fla.__version__, 'megatron-core', megatron.core.__version__, 'gdn', gdn_module().__module__)
 " 2>&1 | tail -1 | tee "$OUT/versions.txt" ;;
   check)
-    timeout "${TEST_TIMEOUT:-500}" python3 -m pytest -q -p no:cacheprovider -W ignore -rf --tb=short \
+    # SIGINT, not TERM: pytest then still prints the failures it has (the sixth and seventh sessions lost them)
+    timeout -s INT "${TEST_TIMEOUT:-500}" python3 -m pytest -q -p no:cacheprovider -W ignore -rf --tb=short \
       tests/megatron/test_qwen3_5.py tests/workers/test_qwen3_5_policy.py > "$OUT/pytest_qwen3_5.txt" 2>&1
     tail -3 "$OUT/pytest_qwen3_5.txt"
     for dt in float32 bfloat16; do

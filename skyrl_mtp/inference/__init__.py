@@ -17,6 +17,8 @@ Modules:
     metrics      spec-decode counters, their per-window deltas and the metric arithmetic (pure
                  functions), and the ``start/pause/resume/stop`` window tracker.
     vllm_fixes   in-process fixes for verified vLLM defects (applied only where detected).
+    text_only    makes vLLM serve text-only Qwen3.5 exports (torchvision shim; registration and
+                 drafter mapping on vLLMs that lack them).
 
 vLLM and Ray are imported lazily: importing this package costs nothing until an engine starts.
 """

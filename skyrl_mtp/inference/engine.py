@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from skyrl_mtp.inference.config import RolloutConfig, SamplingConfig
+from skyrl_mtp.inference.config import HYBRID_MODEL_TYPES, RolloutConfig, SamplingConfig, checkpoint_model_type
 from skyrl_mtp.inference.metrics import SpecDecodeCounters, counters_from_vllm_metrics
 from skyrl_mtp.inference.transports.base import TRANSPORTS
 from skyrl_mtp.inference.transports.buckets import PieceSpec, TensorPiece
@@ -297,8 +297,16 @@ class RolloutEngine:
         self.device = device
         self.vllm_version = vllm.__version__
         self._expected_shapes = checkpoint_tensor_shapes(config.model_path)
+        text_only_fixes: list[str] = []
+        if checkpoint_model_type(config.model_path) in HYBRID_MODEL_TYPES:
+            # Older vLLMs (0.25) neither register the text-only Qwen3.5 classes nor draft with their
+            # head; a source checkout has no plugin entry point to do this (text_only.py).
+            from skyrl_mtp.inference.text_only import serve_text_only_qwen3_5
+
+            text_only_fixes = serve_text_only_qwen3_5()
         self.llm = LLM(**llm_kwargs(config, device))
-        self.vllm_fixes = sorted({fix for fixes in self.llm.collective_rpc("skyrl_apply_vllm_fixes") for fix in fixes})
+        self.vllm_fixes = sorted({*text_only_fixes,
+                                  *(fix for fixes in self.llm.collective_rpc("skyrl_apply_vllm_fixes") for fix in fixes)})
         self.reload_api = self.llm.collective_rpc("skyrl_reload_api")[0]
         model_config = self.llm.llm_engine.model_config
         self.max_model_len = int(model_config.max_model_len)

