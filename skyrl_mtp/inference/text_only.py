@@ -158,6 +158,13 @@ def serve_text_only_qwen3_5() -> list[str]:
 
 
 def register_vllm_plugin() -> None:
-    """Entry point of the ``vllm.general_plugins`` group (see pyproject.toml)."""
+    """Entry point of the ``vllm.general_plugins`` group (see pyproject.toml). It runs for every
+    model, so a vLLM without the text-only classes only gets a warning here; the engine raises for
+    a hybrid checkpoint (it calls :func:`serve_text_only_qwen3_5` itself)."""
     install_text_only_shim()
-    serve_text_only_qwen3_5()
+    try:
+        serve_text_only_qwen3_5()
+    except RuntimeError as err:
+        import warnings
+
+        warnings.warn(str(err), stacklevel=1)
