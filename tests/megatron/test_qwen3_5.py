@@ -135,6 +135,22 @@ def _megatron_logits(trunk, head, ids):
     return tuple(t.float().cpu() for t in out)
 
 
+def _use_torch_gated_delta_net(monkeypatch) -> None:
+    """The reference runs transformers' torch Gated DeltaNet. Where fla / causal-conv1d are installed
+    (the GPU machine) transformers binds their kernels in place of its torch functions
+    (``use_kernel_func_from_hub_with_fallback``) and would run them on this reference's CPU tensors:
+    the H200 runs of 2026-12-02 failed here. The torch functions are what those wrappers wrap."""
+    import inspect
+
+    from transformers.models.qwen3_5 import modeling_qwen3_5
+
+    for name in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn",
+                 "causal_conv1d_update"):
+        torch_function = inspect.unwrap(getattr(modeling_qwen3_5, name))
+        assert torch_function.__module__ == modeling_qwen3_5.__name__, (name, torch_function.__module__)
+        monkeypatch.setattr(modeling_qwen3_5, name, torch_function)
+
+
 def _hf_reference(ckpt, cfg, hf, ids):
     """transformers' trunk logits and, from its own modules, the vLLM-style MTP depth-1 logits."""
     from transformers import AutoModelForCausalLM
@@ -167,7 +183,8 @@ def _hf_reference(ckpt, cfg, hf, ids):
 
 
 @pytest.mark.parametrize("seq", [14, 70])  # 70 crosses the 64-token chunk of the delta rule
-def test_megatron_matches_transformers(megatron_single, tmp_path, seq):
+def test_megatron_matches_transformers(megatron_single, tmp_path, monkeypatch, seq):
+    _use_torch_gated_delta_net(monkeypatch)
     cfg = TINY.replace(init_std=0.1)  # larger weights than the preset's: a sharper comparison
     hf = _nontrivial(cfg, seed=11)
     ckpt = save_hf_checkpoint(cfg, hf, tmp_path / "q35")
