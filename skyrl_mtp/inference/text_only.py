@@ -123,6 +123,8 @@ _ORIGINAL_DRAFT_OVERRIDE = None
 def draft_override_with_text_configs(hf_config):
     """vLLM's own draft-config override, then the text-config mapping. Module level, so a vLLM config
     that holds it still pickles (vLLM sends configs to spawned workers)."""
+    if _ORIGINAL_DRAFT_OVERRIDE is None:  # unpickled in a process where the fix has not run yet
+        serve_text_only_qwen3_5()
     return map_text_config_to_drafter(_ORIGINAL_DRAFT_OVERRIDE(hf_config))
 
 
