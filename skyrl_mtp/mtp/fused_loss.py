@@ -69,6 +69,8 @@ DEFAULT_CHUNK_ROWS_BY_LOSS = {"topk_soft_ce": 4096}
 def default_chunk_rows(loss_type: str) -> int:
     """Rows per chunk the fused path uses for `loss_type` when none is given."""
     return DEFAULT_CHUNK_ROWS_BY_LOSS.get(loss_type, DEFAULT_CHUNK_ROWS)
+
+
 _BLOCK_V = 2048  # vocabulary tile of the Triton passes (one row per program, fp32 registers)
 
 _MODE_SOFT_CE, _MODE_SPARSE, _MODE_TV = 0, 1, 2
