@@ -24,10 +24,14 @@ from skyrl_mtp.megatron.qwen3_5 import gdn_module
 print('triton', triton.__version__, 'fla', fla.__version__, 'megatron-core', megatron.core.__version__, 'gdn', gdn_module().__module__)
 " 2>&1 | tail -1 | tee "$OUT/versions.txt" ;;
   check)
-    # SIGINT, not TERM: pytest then still prints the failures it has (the sixth and seventh sessions lost them)
-    timeout -s INT "${TEST_TIMEOUT:-500}" python3 -m pytest -q -p no:cacheprovider -W ignore -rf --tb=short \
-      tests/megatron/test_qwen3_5.py tests/workers/test_qwen3_5_policy.py > "$OUT/pytest_qwen3_5.txt" 2>&1
-    tail -3 "$OUT/pytest_qwen3_5.txt" ;;
+    # One pytest per file, each with its own timeout: on 2026-12-03 the policy file hung for minutes in
+    # a Triton compile (ptxas) and SIGINT did not stop it, so the megatron file's failure was never
+    # printed. SIGINT first (pytest then prints the failures it has), KILL 30 s later.
+    for f in tests/megatron/test_qwen3_5.py tests/workers/test_qwen3_5_policy.py; do
+      timeout -s INT -k 30 "${TEST_TIMEOUT:-500}" python3 -m pytest -q -p no:cacheprovider -W ignore -rf --tb=short \
+        "$f" > "$OUT/pytest_$(basename "$f" .py).txt" 2>&1
+      tail -3 "$OUT/pytest_$(basename "$f" .py).txt"
+    done ;;
   invariance)
     for dt in bfloat16 float32; do
       timeout 300 python3 -m skyrl_mtp.tools.check_policy_invariance --steps 3 --preset qwen3_5_tiny --dtype $dt \

@@ -20,6 +20,8 @@ speculative decoding the same holds for accepted draft tokens, recovered tokens 
 
 from __future__ import annotations
 
+import importlib.util
+
 import gc
 import os
 import time
@@ -205,6 +207,10 @@ def llm_kwargs(config: RolloutConfig, device: str) -> dict[str, Any]:
                 (1, 1 << 20, config.num_speculative_tokens)]
     if config.max_num_seqs is not None:
         kwargs["max_num_seqs"] = config.max_num_seqs
+    if device == "cuda" and importlib.util.find_spec("flashinfer") is None:
+        # vLLM 0.25 picks FlashInfer's Gated DeltaNet prefill on Hopper ("auto") and then imports it
+        # at the first prefill; without FlashInfer, its Triton (fla) kernels. Non-hybrids ignore it.
+        kwargs["additional_config"] = {"gdn_prefill_backend": "triton"}
     if config.sleep_level:
         kwargs["enable_sleep_mode"] = True  # vLLM then allocates through its cumem pool (CUDA)
     if device == "cuda" and config.drafting and not kwargs["enforce_eager"]:

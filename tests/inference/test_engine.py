@@ -351,3 +351,28 @@ def test_seeded_requests_reproduce_under_probabilistic_drafting(group):
     again = [s[0].token_ids for s in group.generate(PROMPTS, sampling, seeds=seeds)]
     assert sum(c.num_drafts for c in group.read_counters().values()) > before
     assert first == again
+
+
+def test_cuda_engines_without_flashinfer_ask_vllm_for_the_triton_gdn_prefill(monkeypatch):
+    """vLLM picks FlashInfer's Gated DeltaNet prefill on Hopper unless told otherwise and imports it
+    only at the first prefill (the H200 run of 2026-12-03 died there). Without FlashInfer installed the
+    engine asks for Triton; checked against vLLM's own resolver with a Hopper platform in its place."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    import vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn as gdn
+
+    from skyrl_mtp.inference.engine import llm_kwargs
+
+    assert importlib.util.find_spec("flashinfer") is None  # the CPU stack has none
+    kwargs = llm_kwargs(RolloutConfig(model_path="x", device="cuda"), "cuda")
+    assert "additional_config" not in llm_kwargs(RolloutConfig(model_path="x", device="cpu"), "cpu")
+    hopper = SimpleNamespace(is_rocm=lambda: False, is_cuda=lambda: True, is_device_capability=lambda c: c == 90,
+                             is_device_capability_family=lambda c: False, get_cuda_runtime_major=lambda: 13)
+    monkeypatch.setattr(gdn, "current_platform", hopper)
+    text = SimpleNamespace(linear_key_head_dim=128, linear_value_head_dim=128)
+    engine_config = SimpleNamespace(additional_config=kwargs["additional_config"],
+                                    model_config=SimpleNamespace(hf_text_config=text))
+    assert gdn._resolve_gdn_prefill_backend(engine_config)[1] == "triton"
+    vllm_default = SimpleNamespace(additional_config={}, model_config=SimpleNamespace(hf_text_config=text))
+    assert gdn._resolve_gdn_prefill_backend(vllm_default)[1] == "flashinfer"

@@ -159,18 +159,23 @@ def _greedy(path, k: int | None, n: int = 12) -> list[list[int]]:
     return _run_engine(path, k, max_tokens=n)["tokens"]
 
 
-def _hf_greedy(path, n: int = 12) -> list[list[int]]:
+def _hf_greedy(path, n: int = 12) -> tuple[list[list[int]], float]:
+    """transformers' float32 greedy tokens, and the smallest top-1 / top-2 logit gap along them as a
+    share of the largest |logit| at that step (how far every argmax is from a tie)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    out = []
+    out, margin = [], float("inf")
     with torch.no_grad():
         for p in PROMPTS:
             ids = torch.tensor([p])
             for _ in range(n):
-                ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+                logits = model(ids).logits[0, -1]
+                top2 = logits.topk(2).values
+                margin = min(margin, ((top2[0] - top2[1]) / logits.abs().max()).item())
+                ids = torch.cat([ids, logits.argmax().view(1, 1)], dim=1)
             out.append(ids[0, len(p):].tolist())
-    return out
+    return out, margin
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +191,11 @@ def checkpoints(megatron_single, tmp_path_factory):
     random_head["mtp.norm.weight"] = torch.full_like(random_head["mtp.norm.weight"], -2.0)
     bad = {k: (random_head[k] if k.startswith("mtp.") else v) for k, v in good.items()}
     assert {k for k in good if not torch.equal(good[k], bad[k])} <= {k for k in good if k.startswith("mtp.")}
-    peaked = random_hf_state_dict(CFG, seed=5)
-    peaked["lm_head.weight"] *= 100.0  # greedy argmax gaps far above bf16 vs float32 differences
+    # Greedy tokens in bf16 vLLM equal float32 transformers' only where no argmax is near a tie. Scaling
+    # lm_head scales gaps and bf16 errors alike, so what counts is the seed: on seed 5 a gap of 0.1% of
+    # the logit scale flipped a token (plain vLLM, AVX-512 CPU); seed 21's smallest is 1.2%, checked below.
+    peaked = random_hf_state_dict(CFG, seed=21)
+    peaked["lm_head.weight"] *= 100.0
     return {name: save_hf_checkpoint(CFG, state, root / name)
             for name, state in (("good", good), ("bad", bad), ("peaked", peaked))}
 
@@ -228,8 +236,10 @@ def test_text_only_fix_makes_a_vllm_0_25_like_engine_draft_as_this_one_does(chec
 def test_greedy_drafting_is_lossless_on_the_hybrid(checkpoints):
     drafted = _greedy(checkpoints["peaked"], k=2)
     plain = _greedy(checkpoints["peaked"], k=None)
+    reference, margin = _hf_greedy(checkpoints["peaked"])
+    assert margin >= 0.005, f"argmax gap {margin:.2%} of the logit scale: too near a tie for bf16 vs float32"
     assert drafted == plain
-    assert drafted == _hf_greedy(checkpoints["peaked"])
+    assert drafted == reference
     assert len({tuple(t) for t in drafted}) > 1  # not a constant model
 
 
