@@ -20,9 +20,8 @@ speculative decoding the same holds for accepted draft tokens, recovered tokens 
 
 from __future__ import annotations
 
-import importlib.util
-
 import gc
+import importlib.util
 import os
 import time
 from dataclasses import dataclass, field
