@@ -177,6 +177,15 @@ def engine_env(config: RolloutConfig, device: str) -> dict[str, str]:
     return env
 
 
+def cuda_llm_defaults() -> dict[str, Any]:
+    """``LLM(...)`` arguments every CUDA engine takes (beside CUDA_ENGINE_DEFAULTS' environment).
+    vLLM 0.25 picks FlashInfer's Gated DeltaNet prefill on Hopper ("auto") and imports it only at
+    the first prefill; without FlashInfer, ask for its Triton (fla) kernels. Non-hybrids ignore it."""
+    if importlib.util.find_spec("flashinfer") is None:
+        return {"additional_config": {"gdn_prefill_backend": "triton"}}
+    return {}
+
+
 def llm_kwargs(config: RolloutConfig, device: str) -> dict[str, Any]:
     """``vllm.LLM`` keyword arguments for ``config`` on ``device`` ('cpu' or 'cuda')."""
     kwargs: dict[str, Any] = dict(
@@ -206,10 +215,8 @@ def llm_kwargs(config: RolloutConfig, device: str) -> dict[str, Any]:
                 (1, 1 << 20, config.num_speculative_tokens)]
     if config.max_num_seqs is not None:
         kwargs["max_num_seqs"] = config.max_num_seqs
-    if device == "cuda" and importlib.util.find_spec("flashinfer") is None:
-        # vLLM 0.25 picks FlashInfer's Gated DeltaNet prefill on Hopper ("auto") and then imports it
-        # at the first prefill; without FlashInfer, its Triton (fla) kernels. Non-hybrids ignore it.
-        kwargs["additional_config"] = {"gdn_prefill_backend": "triton"}
+    if device == "cuda":
+        kwargs.update(cuda_llm_defaults())
     if config.sleep_level:
         kwargs["enable_sleep_mode"] = True  # vLLM then allocates through its cumem pool (CUDA)
     if device == "cuda" and config.drafting and not kwargs["enforce_eager"]:

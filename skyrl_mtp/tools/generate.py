@@ -48,16 +48,19 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import torch
 
+    cuda_kwargs = {}
     if torch.cuda.is_available():  # the engines' CUDA settings (no FlashInfer in the verified wheel set)
-        from skyrl_mtp.inference.engine import CUDA_ENGINE_DEFAULTS
+        from skyrl_mtp.inference.engine import CUDA_ENGINE_DEFAULTS, cuda_llm_defaults
 
         for key, value in CUDA_ENGINE_DEFAULTS.items():
             os.environ.setdefault(key, value)
+        cuda_kwargs = cuda_llm_defaults()
     from vllm import LLM, SamplingParams, TokensPrompt
 
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=0,
               gpu_memory_utilization=args.memory_fraction, disable_log_stats=False, enforce_eager=True,
-              speculative_config={"method": "mtp", "num_speculative_tokens": args.k} if args.k else None)
+              speculative_config={"method": "mtp", "num_speculative_tokens": args.k} if args.k else None,
+              **cuda_kwargs)
     prompts = list(args.prompt) + [TokensPrompt(prompt_token_ids=[int(t) for t in p.split(",")]) for p in args.prompt_ids]
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=True, seed=0)
     results = llm.generate(prompts, params, use_tqdm=False)
