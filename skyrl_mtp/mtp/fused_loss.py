@@ -72,6 +72,7 @@ def default_chunk_rows(loss_type: str) -> int:
 
 
 _BLOCK_V = 2048  # vocabulary tile of the Triton passes (one row per program, fp32 registers)
+_TOPK_BLOCK, _TOPK_WARPS = 2048, 4  # the radix top-k's tile and warps (scripts/bench_radix_topk.py)
 
 _MODE_SOFT_CE, _MODE_SPARSE, _MODE_TV = 0, 1, 2
 _MODES = {"soft_ce": _MODE_SOFT_CE, "topk_soft_ce": _MODE_SPARSE, "hard_ce": _MODE_SPARSE, "tv": _MODE_TV}
@@ -571,5 +572,5 @@ def _local_topk(teacher: Tensor, k: int) -> tuple[Tensor, Tensor]:
     values = torch.empty((rows, k), dtype=torch.float32, device=teacher.device)
     ids = torch.empty((rows, k), dtype=torch.long, device=teacher.device)
     radix_topk = _kernels()[3]
-    radix_topk[(rows,)](teacher, values, ids, cols, teacher.stride(0), k, BLOCK=_BLOCK_V)
+    radix_topk[(rows,)](teacher, values, ids, cols, teacher.stride(0), k, BLOCK=_TOPK_BLOCK, num_warps=_TOPK_WARPS)
     return values, ids

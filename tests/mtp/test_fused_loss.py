@@ -63,6 +63,7 @@ class _Serialised:
 def _tile(monkeypatch):
     if BLOCK is not None:
         monkeypatch.setattr(fused_loss, "_BLOCK_V", BLOCK)
+        monkeypatch.setattr(fused_loss, "_TOPK_BLOCK", BLOCK)
     if DEVICE is not None:
         kernels = tuple(_Serialised(k) for k in fused_loss._kernels())
         monkeypatch.setattr(fused_loss, "_kernels", lambda: kernels)
