@@ -72,7 +72,8 @@ def default_chunk_rows(loss_type: str) -> int:
 
 
 _BLOCK_V = 2048  # vocabulary tile of the Triton passes (one row per program, fp32 registers)
-_TOPK_BLOCK, _TOPK_WARPS = 2048, 4  # the radix top-k's tile and warps (scripts/bench_radix_topk.py)
+# The top-k kernel's tile, warps and search (scripts/bench_radix_topk.py times them).
+_TOPK_BLOCK, _TOPK_WARPS, _TOPK_BISECT = 2048, 4, False
 
 _MODE_SOFT_CE, _MODE_SPARSE, _MODE_TV = 0, 1, 2
 _MODES = {"soft_ce": _MODE_SOFT_CE, "topk_soft_ce": _MODE_SPARSE, "hard_ce": _MODE_SPARSE, "tv": _MODE_TV}
@@ -211,38 +212,61 @@ def _kernels():
             tl.store(s_addr, (grad * scale).to(s_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def radix_topk(t_ptr, val_ptr, idx_ptr, n_cols, t_stride, k, BLOCK: tl.constexpr):
+    def radix_topk(t_ptr, val_ptr, idx_ptr, n_cols, t_stride, k, BISECT: tl.constexpr, BLOCK: tl.constexpr):
         """Per row of a 16-bit (bf16 / fp16) teacher: its k largest values (fp32) and their
         columns into [rows, k], in column order; among values tied with the k-th largest the
-        lowest columns are taken, as torch.topk does on CUDA. A radix select on an
-        order-preserving 16-bit key finds the k-th largest key (a histogram of the high byte,
-        then of the low byte within the bin that holds it: two reads of the row); a third read
-        writes the columns above it and the first tied ones."""
+        lowest columns are taken, as torch.topk does on CUDA. A row's bits become an int32 key
+        in [0, 65536) ordered as the values (sign bit set: all bits flipped, else the sign bit
+        set; -0.0 lands just below 0.0). First the k-th largest key and how many lie above it: by a radix select (a histogram of
+        the high byte, then of the low byte within the bin that holds it: two reads of the row),
+        or with BISECT by a binary search over the 16-bit keys (16 counting reads: no
+        histogram). Then one read writes the columns above it and the first tied ones."""
         row = tl.program_id(0).to(tl.int64)
         t_row = t_ptr + row * t_stride
-        bins = tl.arange(0, 256)
-        high_hist = tl.zeros([256], tl.int32)
-        for start in range(0, n_cols, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            ok = cols < n_cols
-            bits = tl.load(t_row + cols, mask=ok, other=0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            key = tl.where(bits >= 0x8000, bits ^ 0xFFFF, bits | 0x8000)  # larger key <=> larger value
-            high_hist += tl.histogram(key >> 8, 256, mask=ok)
-        # The k-th largest key's high byte: the largest b with at least k keys whose high byte is >= b.
-        at_least = tl.sum(high_hist, axis=0) - tl.cumsum(high_hist, axis=0) + high_hist
-        high = tl.max(tl.where(at_least >= k, bins, -1), axis=0)
-        above = tl.sum(tl.where(bins > high, high_hist, 0), axis=0)
-        low_hist = tl.zeros([256], tl.int32)
-        for start in range(0, n_cols, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            ok = cols < n_cols
-            bits = tl.load(t_row + cols, mask=ok, other=0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            key = tl.where(bits >= 0x8000, bits ^ 0xFFFF, bits | 0x8000)
-            low_hist += tl.histogram(key & 0xFF, 256, mask=ok & ((key >> 8) == high))
-        at_least_low = above + tl.sum(low_hist, axis=0) - tl.cumsum(low_hist, axis=0) + low_hist
-        low = tl.max(tl.where(at_least_low >= k, bins, -1), axis=0)
-        threshold = high * 256 + low  # the k-th largest key
-        ties_needed = k - above - tl.sum(tl.where(bins > low, low_hist, 0), axis=0)  # >= 1
+        if BISECT:
+            # Invariant: at least k keys are >= lo; fewer than k (above_hi of them) are >= hi.
+            lo = 0
+            hi = 65536
+            above_hi = 0
+            for _ in range(16):
+                mid = (lo + hi) // 2
+                count = 0
+                for start in range(0, n_cols, BLOCK):
+                    cols = start + tl.arange(0, BLOCK)
+                    ok = cols < n_cols
+                    bits = tl.load(t_row + cols, mask=ok, other=0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                    key = tl.where(bits >= 0x8000, bits ^ 0xFFFF, bits | 0x8000)
+                    count += tl.sum((ok & (key >= mid)).to(tl.int32), axis=0)
+                enough = count >= k
+                lo = tl.where(enough, mid, lo)
+                above_hi = tl.where(enough, above_hi, count)
+                hi = tl.where(enough, hi, mid)
+            threshold = lo  # hi == lo + 1: the k-th largest key
+            ties_needed = k - above_hi  # >= 1
+        else:
+            bins = tl.arange(0, 256)
+            high_hist = tl.zeros([256], tl.int32)
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                ok = cols < n_cols
+                bits = tl.load(t_row + cols, mask=ok, other=0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                key = tl.where(bits >= 0x8000, bits ^ 0xFFFF, bits | 0x8000)
+                high_hist += tl.histogram(key >> 8, 256, mask=ok)
+            # The k-th largest key's high byte: the largest b with at least k keys whose high byte is >= b.
+            at_least = tl.sum(high_hist, axis=0) - tl.cumsum(high_hist, axis=0) + high_hist
+            high = tl.max(tl.where(at_least >= k, bins, -1), axis=0)
+            above = tl.sum(tl.where(bins > high, high_hist, 0), axis=0)
+            low_hist = tl.zeros([256], tl.int32)
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                ok = cols < n_cols
+                bits = tl.load(t_row + cols, mask=ok, other=0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                key = tl.where(bits >= 0x8000, bits ^ 0xFFFF, bits | 0x8000)
+                low_hist += tl.histogram(key & 0xFF, 256, mask=ok & ((key >> 8) == high))
+            at_least_low = above + tl.sum(low_hist, axis=0) - tl.cumsum(low_hist, axis=0) + low_hist
+            low = tl.max(tl.where(at_least_low >= k, bins, -1), axis=0)
+            threshold = high * 256 + low  # the k-th largest key
+            ties_needed = k - above - tl.sum(tl.where(bins > low, low_hist, 0), axis=0)  # >= 1
         written = 0
         ties_seen = 0
         for start in range(0, n_cols, BLOCK):
@@ -251,16 +275,16 @@ def _kernels():
             y = tl.load(t_row + cols, mask=ok, other=0)
             bits = y.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
             key = tl.where(bits >= 0x8000, bits ^ 0xFFFF, bits | 0x8000)
-            tie = (ok & (key == threshold)).to(tl.int32)
-            take = ok & ((key > threshold) | ((tie > 0) & (ties_seen + tl.cumsum(tie, axis=0) <= ties_needed)))
-            take = take.to(tl.int32)
-            taken = tl.sum(take, axis=0)
-            if taken > 0:  # most tiles hold none of the row's top k
+            hit = ok & (key >= threshold)
+            if tl.sum(hit.to(tl.int32), axis=0) > 0:  # most tiles hold none of the row's top k
+                tie = (hit & (key == threshold)).to(tl.int32)
+                take = (hit & (key > threshold)) | ((tie > 0) & (ties_seen + tl.cumsum(tie, axis=0) <= ties_needed))
+                take = take.to(tl.int32)
                 slot = written + tl.cumsum(take, axis=0) - 1
                 tl.store(val_ptr + row * k + slot, y.to(tl.float32), mask=take > 0)
                 tl.store(idx_ptr + row * k + slot, cols.to(tl.int64), mask=take > 0)
-                written += taken
-            ties_seen += tl.sum(tie, axis=0)
+                written += tl.sum(take, axis=0)
+                ties_seen += tl.sum(tie, axis=0)
 
     return row_stats, tv_sums, logit_grad, radix_topk
 
@@ -572,5 +596,6 @@ def _local_topk(teacher: Tensor, k: int) -> tuple[Tensor, Tensor]:
     values = torch.empty((rows, k), dtype=torch.float32, device=teacher.device)
     ids = torch.empty((rows, k), dtype=torch.long, device=teacher.device)
     radix_topk = _kernels()[3]
-    radix_topk[(rows,)](teacher, values, ids, cols, teacher.stride(0), k, BLOCK=_TOPK_BLOCK, num_warps=_TOPK_WARPS)
+    radix_topk[(rows,)](teacher, values, ids, cols, teacher.stride(0), k, BISECT=_TOPK_BISECT, BLOCK=_TOPK_BLOCK,
+                        num_warps=_TOPK_WARPS)
     return values, ids

@@ -298,13 +298,15 @@ def test_batched_strided_inputs_match_reference(loss_type):
     assert _rel(h.grad.transpose(0, 1).reshape(ROWS, HIDDEN), ref_grad) <= 1e-4
 
 
+@pytest.mark.parametrize("bisect", [False, True], ids=["histogram", "bisect"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_radix_topk_matches_a_stable_sort(dtype):
+def test_radix_topk_matches_a_stable_sort(dtype, bisect, monkeypatch):
     """The radix-select top-k (``_local_topk``) against a stable descending sort: the same k
     columns, ties at the k-th value broken towards the lowest column (torch.topk's rule on CUDA),
     and their values. Rows built to break it: all values tied, ties at the top, only negative
     values (the key's sign flip), -0.0 beside 0.0 (ranked below it), -inf, a row that is half -inf, and a bf16
-    grid so coarse that the k-th value is tied many times over."""
+    grid so coarse that the k-th value is tied many times over. Both searches for the k-th key."""
+    monkeypatch.setattr(fused_loss, "_TOPK_BISECT", bisect)
     gen = torch.Generator().manual_seed(5)
     teacher = 3.0 * torch.randn(9, 300 if DEVICE == "cpu" else 5000, generator=gen)
     teacher[1] = 0.5
