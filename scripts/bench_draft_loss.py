@@ -29,8 +29,6 @@ part of every variant. Variants, per loss type, in one run:
 - ``fused``: ``skyrl_mtp.mtp.fused_loss`` with the teacher logits;
 - ``fused_teacher_hidden``: the same, teacher logits recomputed per chunk from teacher hidden
   states (one more projection, no ``[S, V]`` teacher in memory);
-- ``fused_torch_topk`` (topk_soft_ce): ``fused`` with torch.topk in place of its radix-select
-  top-k kernel, the before / after of that kernel;
 - ``liger`` (if liger-kernel is importable): ``LigerFusedLinearCrossEntropyLoss`` for hard_ce,
   ``LigerFusedLinearJSD(jsd_beta=0)`` (forward KL(p || q) = soft_ce - H(p): same gradient) from
   teacher hidden states for soft_ce; Liger has no top-k soft CE and no fused-linear TV.
@@ -288,21 +286,6 @@ def _reference_fp64(hidden, weight, teacher, mask, labels, loss_type, topk, temp
     return loss, grad
 
 
-def _with_torch_topk(loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The fused loss with torch.topk in place of its radix-select top-k kernel (the fused path
-    computes its gradient in the forward, so swapping for the forward covers the step)."""
-    from skyrl_mtp.mtp import fused_loss
-
-    def run(hidden: torch.Tensor) -> torch.Tensor:
-        radix = fused_loss._local_topk
-        fused_loss._local_topk = lambda teacher, k: teacher.topk(k, dim=-1, sorted=False)
-        try:
-            return loss_fn(hidden)
-        finally:
-            fused_loss._local_topk = radix
-    return run
-
-
 def projection_mode(args: argparse.Namespace) -> dict:
     from skyrl_mtp.mtp.fused_loss import default_chunk_rows, fused_linear_draft_loss
 
@@ -348,9 +331,6 @@ def projection_mode(args: argparse.Namespace) -> dict:
             if loss_type != "hard_ce":
                 out[f"fused_teacher_hidden{suffix}"] = (lambda h, rows=rows: fused_linear_draft_loss(
                     h, weight, mask, teacher_hidden=teacher_hidden, chunk_rows=rows, **common), True)
-        if loss_type == "topk_soft_ce":  # before / after the radix-select top-k, side by side
-            first_fused = next(name for name in out if name.startswith("fused"))
-            out["fused_torch_topk"] = (_with_torch_topk(out[first_fused][0]), False)
         liger, why_not = _liger_loss(loss_type, args.temperature)
         if liger is None:
             skipped[loss_type] = why_not

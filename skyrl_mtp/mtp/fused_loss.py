@@ -72,8 +72,6 @@ def default_chunk_rows(loss_type: str) -> int:
 
 
 _BLOCK_V = 2048  # vocabulary tile of the Triton passes (one row per program, fp32 registers)
-# The top-k kernel's tile, warps and search (scripts/bench_radix_topk.py times them).
-_TOPK_BLOCK, _TOPK_WARPS, _TOPK_BISECT = 2048, 4, False
 
 _MODE_SOFT_CE, _MODE_SPARSE, _MODE_TV = 0, 1, 2
 _MODES = {"soft_ce": _MODE_SOFT_CE, "topk_soft_ce": _MODE_SPARSE, "hard_ce": _MODE_SPARSE, "tv": _MODE_TV}
@@ -211,82 +209,7 @@ def _kernels():
                     grad = q * (tl.where(diff > 0, 0.5, tl.where(diff < 0, -0.5, 0.0)) - coupling)
             tl.store(s_addr, (grad * scale).to(s_ptr.dtype.element_ty), mask=ok)
 
-    @triton.jit
-    def radix_topk(t_ptr, val_ptr, idx_ptr, n_cols, t_stride, k, BISECT: tl.constexpr, BLOCK: tl.constexpr):
-        """Per row of a 16-bit (bf16 / fp16) teacher: its k largest values (fp32) and their
-        columns into [rows, k], in column order; among values tied with the k-th largest the
-        lowest columns are taken, as torch.topk does on CUDA. A row's bits become an int32 key
-        in [0, 65536) ordered as the values (sign bit set: all bits flipped, else the sign bit
-        set; -0.0 lands just below 0.0). First the k-th largest key and how many lie above it: by a radix select (a histogram of
-        the high byte, then of the low byte within the bin that holds it: two reads of the row),
-        or with BISECT by a binary search over the 16-bit keys (16 counting reads: no
-        histogram). Then one read writes the columns above it and the first tied ones."""
-        row = tl.program_id(0).to(tl.int64)
-        t_row = t_ptr + row * t_stride
-        if BISECT:
-            # Invariant: at least k keys are >= lo; fewer than k (above_hi of them) are >= hi.
-            lo = 0
-            hi = 65536
-            above_hi = 0
-            for _ in range(16):
-                mid = (lo + hi) // 2
-                count = 0
-                for start in range(0, n_cols, BLOCK):
-                    cols = start + tl.arange(0, BLOCK)
-                    ok = cols < n_cols
-                    bits = tl.load(t_row + cols, mask=ok, other=0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-                    key = tl.where(bits >= 0x8000, bits ^ 0xFFFF, bits | 0x8000)
-                    count += tl.sum((ok & (key >= mid)).to(tl.int32), axis=0)
-                enough = count >= k
-                lo = tl.where(enough, mid, lo)
-                above_hi = tl.where(enough, above_hi, count)
-                hi = tl.where(enough, hi, mid)
-            threshold = lo  # hi == lo + 1: the k-th largest key
-            ties_needed = k - above_hi  # >= 1
-        else:
-            bins = tl.arange(0, 256)
-            high_hist = tl.zeros([256], tl.int32)
-            for start in range(0, n_cols, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                ok = cols < n_cols
-                bits = tl.load(t_row + cols, mask=ok, other=0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-                key = tl.where(bits >= 0x8000, bits ^ 0xFFFF, bits | 0x8000)
-                high_hist += tl.histogram(key >> 8, 256, mask=ok)
-            # The k-th largest key's high byte: the largest b with at least k keys whose high byte is >= b.
-            at_least = tl.sum(high_hist, axis=0) - tl.cumsum(high_hist, axis=0) + high_hist
-            high = tl.max(tl.where(at_least >= k, bins, -1), axis=0)
-            above = tl.sum(tl.where(bins > high, high_hist, 0), axis=0)
-            low_hist = tl.zeros([256], tl.int32)
-            for start in range(0, n_cols, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                ok = cols < n_cols
-                bits = tl.load(t_row + cols, mask=ok, other=0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-                key = tl.where(bits >= 0x8000, bits ^ 0xFFFF, bits | 0x8000)
-                low_hist += tl.histogram(key & 0xFF, 256, mask=ok & ((key >> 8) == high))
-            at_least_low = above + tl.sum(low_hist, axis=0) - tl.cumsum(low_hist, axis=0) + low_hist
-            low = tl.max(tl.where(at_least_low >= k, bins, -1), axis=0)
-            threshold = high * 256 + low  # the k-th largest key
-            ties_needed = k - above - tl.sum(tl.where(bins > low, low_hist, 0), axis=0)  # >= 1
-        written = 0
-        ties_seen = 0
-        for start in range(0, n_cols, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            ok = cols < n_cols
-            y = tl.load(t_row + cols, mask=ok, other=0)
-            bits = y.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            key = tl.where(bits >= 0x8000, bits ^ 0xFFFF, bits | 0x8000)
-            hit = ok & (key >= threshold)
-            if tl.sum(hit.to(tl.int32), axis=0) > 0:  # most tiles hold none of the row's top k
-                tie = (hit & (key == threshold)).to(tl.int32)
-                take = (hit & (key > threshold)) | ((tie > 0) & (ties_seen + tl.cumsum(tie, axis=0) <= ties_needed))
-                take = take.to(tl.int32)
-                slot = written + tl.cumsum(take, axis=0) - 1
-                tl.store(val_ptr + row * k + slot, y.to(tl.float32), mask=take > 0)
-                tl.store(idx_ptr + row * k + slot, cols.to(tl.int64), mask=take > 0)
-                written += tl.sum(take, axis=0)
-                ties_seen += tl.sum(tie, axis=0)
-
-    return row_stats, tv_sums, logit_grad, radix_topk
+    return row_stats, tv_sums, logit_grad
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,7 +395,7 @@ def _sequence_loss_and_grad(
     loss = torch.zeros((), dtype=torch.float32, device=device)
     inv_temp = 1.0 / temperature
     mode = _MODES[loss_type]
-    row_stats, tv_sums, logit_grad, _ = _kernels() if num_valid > 0 else (None,) * 4
+    row_stats, tv_sums, logit_grad = _kernels() if num_valid > 0 else (None, None, None)
     for start in range(0, rows, chunk_rows):
         end = min(start + chunk_rows, rows)
         n = end - start
@@ -567,35 +490,20 @@ def _sparse_reduce(
 def _global_topk(teacher: Tensor, n: int, k: int, temperature: float, shard: VocabShard, comm: Collectives):
     """Global ids [n, k] of the teacher's top-k over the true vocabulary and their probabilities
     renormalised over those k (each rank offers its local top-min(k, num_valid), ``-inf``-padded
-    so every rank gathers equal shapes; there are always >= k real candidates). The local top-k
-    is :func:`_local_topk`; a two-stage torch top-k (segments of 4,748, then the candidates)
-    measured slower than one torch.topk on an H200 (3.1 against 2.3 ms per 2,048 rows)."""
+    so every rank gathers equal shapes; there are always >= k real candidates). One torch.topk
+    per chunk: ~2.3 ms per 2,048 x 151,936 bf16 rows on an H200. Measured slower there: a
+    two-stage top-k (segments of 4,748, then the candidates; 3.1 ms) and a Triton radix select
+    over the bf16 bits, one program per row (histograms of the high and low byte: 3.3 ms at
+    best; a 16-step bisection: 5.7 ms; docs/gpu_results/2026-12-03_h200_s2/)."""
     device = teacher.device
     values = torch.full((n, k), -math.inf, dtype=torch.float32, device=device)
     ids = torch.zeros((n, k), dtype=torch.long, device=device)
     local_k = min(k, shard.num_valid)
     if local_k > 0:
-        top_values, top_ids = _local_topk(teacher, local_k)
+        top_values, top_ids = teacher.topk(local_k, dim=-1, sorted=False)
         values[:, :local_k] = top_values.float()
         ids[:, :local_k] = top_ids + shard.offset
     candidates = comm.all_gather_last_dim(values)
     candidate_ids = comm.all_gather_last_dim(ids)
     best, position = candidates.topk(k, dim=-1, sorted=False)
     return candidate_ids.gather(-1, position), torch.softmax(best / temperature, dim=-1)
-
-
-def _local_topk(teacher: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``teacher.topk(k, dim=-1, sorted=False)`` over this shard's columns (values, ids). A 16-bit
-    teacher (the policy's bf16 logits) goes through the radix-select kernel: three reads of each
-    row instead of torch.topk's selection (~2.3 ms per 2,048 x 151,936 rows on an H200), ties at
-    the k-th value broken towards the lowest column as torch.topk does on CUDA. Other dtypes
-    take torch.topk."""
-    if teacher.dtype not in (torch.bfloat16, torch.float16):
-        return teacher.topk(k, dim=-1, sorted=False)
-    rows, cols = teacher.shape
-    values = torch.empty((rows, k), dtype=torch.float32, device=teacher.device)
-    ids = torch.empty((rows, k), dtype=torch.long, device=teacher.device)
-    radix_topk = _kernels()[3]
-    radix_topk[(rows,)](teacher, values, ids, cols, teacher.stride(0), k, BISECT=_TOPK_BISECT, BLOCK=_TOPK_BLOCK,
-                        num_warps=_TOPK_WARPS)
-    return values, ids
