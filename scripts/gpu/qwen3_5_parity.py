@@ -3,7 +3,8 @@
 The GPU twin of ``tests/megatron/test_qwen3_5.py::test_megatron_matches_transformers`` (its weights,
 ids and references), run once per backend in a fresh process and printed as JSON lines: the largest
 logit error over positions before fla's 64-token chunk and from it on. Backends:
-  fla        Megatron's GatedDeltaNet with fla's Triton kernels (what training uses on CUDA)
+  fla        Megatron's GatedDeltaNet with fla's Triton kernels (what training uses on CUDA; here
+             also under Triton < 3.7.1, whose fla backward this project refuses: only forward runs)
   fla_ieee   the same with TRITON_F32_DEFAULT=ieee (fp32 tl.dot without TF32 rounding)
   torch      this project's TorchGatedDeltaNet on CUDA (fla out of the picture)
     PYTHONPATH=/tmp/triton:/tmp/site:$PWD python3 scripts/gpu/qwen3_5_parity.py fla fla_ieee torch
@@ -34,6 +35,8 @@ def measure(backend: str, seqs: list[int]) -> None:
 
     if backend == "torch":
         qwen3_5.gdn_module = lambda: qwen3_5.TorchGatedDeltaNet
+    else:  # forward only: fla's backward refusal on Hopper with Triton < 3.7.1 does not apply
+        qwen3_5.fla_backward_usable = lambda: True
     init_megatron(rank=0, world_size=1, master_port=free_port())
     with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryDirectory() as tmp:
         t._use_torch_gated_delta_net(mp)
@@ -53,8 +56,16 @@ def measure(backend: str, seqs: list[int]) -> None:
                 "max_err_from_64": round(err[64:].max().item(), 8) if seq > 64 else None,
                 "mtp_max_err": round(err_mtp.max().item(), 8), "tolerance": 2e-4,
                 "worst_position": int(err.argmax()), "max_abs_logit": round(want_logits.abs().max().item(), 4),
+                "triton": _version("triton"), "fla": _version("fla"),
             }), flush=True)
     destroy_megatron()
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
 
 
 def main() -> None:
