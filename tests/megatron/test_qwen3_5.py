@@ -151,19 +151,19 @@ def _use_torch_gated_delta_net(monkeypatch) -> None:
         monkeypatch.setattr(modeling_qwen3_5, name, torch_function)
 
 
-def _hf_reference(ckpt, cfg, hf, ids):
+def _hf_reference(ckpt, cfg, hf, ids, dtype=torch.float32):
     """transformers' trunk logits and, from its own modules, the vLLM-style MTP depth-1 logits."""
     from transformers import AutoModelForCausalLM
     from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5DecoderLayer, Qwen3_5RMSNorm
 
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=dtype).eval()
     tc = model.config
     full_idx = list(cfg.layer_types).index(FULL)
-    layer = Qwen3_5DecoderLayer(tc, layer_idx=full_idx).eval()
+    layer = Qwen3_5DecoderLayer(tc, layer_idx=full_idx).to(dtype).eval()
     layer.load_state_dict({k[len("mtp.layers.0."):]: v for k, v in hf.items() if k.startswith("mtp.layers.0.")})
     norms = {}
     for name in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
-        norms[name] = Qwen3_5RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        norms[name] = Qwen3_5RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps).to(dtype)
         norms[name].weight.data.copy_(hf[f"mtp.{name}.weight"])
     b, s = ids.shape
     with torch.no_grad():
@@ -172,14 +172,18 @@ def _hf_reference(ckpt, cfg, hf, ids):
         # Unlike MiMo's drafter, vLLM's Qwen3_5MultiTokenPredictor does not zero position 0's embedding.
         emb = model.model.embed_tokens(ids[:, 1:])
         x = torch.cat([norms["pre_fc_norm_embedding"](emb), norms["pre_fc_norm_hidden"](hidden[:, :-1])], -1)
-        x = x @ hf["mtp.fc.weight"].T
+        x = x @ hf["mtp.fc.weight"].to(dtype).T
         pos = torch.arange(s - 1)[None].expand(b, -1)
         cos_sin = model.model.rotary_emb(x, pos)
-        mask = torch.full((s - 1, s - 1), float("-inf")).triu(1)[None, None]
+        mask = torch.full((s - 1, s - 1), float("-inf"), dtype=dtype).triu(1)[None, None]
         y = layer(x, position_embeddings=cos_sin, attention_mask=mask, position_ids=pos)
         y = y[0] if isinstance(y, tuple) else y
         mtp = norms["norm"](y) @ model.lm_head.weight.T
-    return out.logits, mtp
+    return out.logits.double(), mtp.double()
+
+
+def _per_position(diff: torch.Tensor) -> torch.Tensor:
+    return diff.abs().amax(dim=(0, 2))
 
 
 @pytest.mark.parametrize("seq", [14, 70])  # 70 crosses the 64-token chunk of the delta rule
@@ -193,11 +197,25 @@ def test_megatron_matches_transformers(megatron_single, tmp_path, monkeypatch, s
     logits, mtp = _megatron_logits(trunk, head, ids)
     want_logits, want_mtp = _hf_reference(ckpt, cfg, hf, ids)
     assert want_logits.abs().max() > 0.5  # not a degenerate comparison
-    err = (logits[..., : cfg.vocab_size] - want_logits).abs().max().item()
-    assert err <= 2e-4, f"trunk logits differ from transformers by {err}"
+    # The tolerance per position is 2e-4 plus twice how far the fp32 reference itself moves when
+    # transformers runs in float64 (its norms and delta rule still compute in fp32 there): a
+    # position whose logits fp32 rounding moves is held to what rounding explains. Seed 70's
+    # position 29 is one: transformers fp32 and float64 differ by 2.2e-4 there (median over
+    # positions 9e-6), and on the H200 Megatron's fp32 logits differed from transformers' by
+    # 2.4-2.9e-4 at that position only (torch and fla delta rule alike, TF32 on or off;
+    # docs/gpu_results/2026-12-03_h200_s2/qwen3_5_parity/), 1e-5 after the 64-token chunk.
+    exact_logits, exact_mtp = _hf_reference(ckpt, cfg, hf, ids, dtype=torch.float64)
+    err = _per_position(logits[..., : cfg.vocab_size] - want_logits)
+    tolerance = 2e-4 + 2 * _per_position(want_logits - exact_logits)
+    worst = int((err - tolerance).argmax())
+    assert (err <= tolerance).all(), f"trunk logits differ from transformers by {err[worst]:.3g} at position " \
+                                     f"{worst} (tolerance there {tolerance[worst]:.3g})"
     # Megatron's last MTP position has no next token: compare the s-1 real ones.
-    err_mtp = (mtp[:, :-1, : cfg.vocab_size] - want_mtp).abs().max().item()
-    assert err_mtp <= 2e-4, f"MTP logits differ from the transformers-module reference by {err_mtp}"
+    err_mtp = _per_position(mtp[:, :-1, : cfg.vocab_size] - want_mtp)
+    tolerance_mtp = 2e-4 + 2 * _per_position(want_mtp - exact_mtp)
+    worst = int((err_mtp - tolerance_mtp).argmax())
+    assert (err_mtp <= tolerance_mtp).all(), f"MTP logits differ from the transformers-module reference by " \
+                                             f"{err_mtp[worst]:.3g} at position {worst} (tolerance {tolerance_mtp[worst]:.3g})"
 
 
 def test_multimodal_release_names_map_to_the_text_model():
