@@ -183,6 +183,7 @@ def _hf_reference(ckpt, cfg, hf, ids, dtype=torch.float32):
 
 
 def _per_position(diff: torch.Tensor) -> torch.Tensor:
+    """Largest |diff| of [batch, seq, vocab] logits at each position."""
     return diff.abs().amax(dim=(0, 2))
 
 
