@@ -187,6 +187,16 @@ def _per_position(diff: torch.Tensor) -> torch.Tensor:
     return diff.abs().amax(dim=(0, 2))
 
 
+def _assert_within_rounding(got: torch.Tensor, want: torch.Tensor, exact: torch.Tensor, what: str) -> None:
+    """Per position: |got - want| <= 2e-4 + twice how far the fp32 reference ``want`` moves against
+    its float64 run ``exact`` (see the test)."""
+    err = _per_position(got - want)
+    tolerance = 2e-4 + 2 * _per_position(want - exact)
+    worst = int((err - tolerance).argmax())
+    assert (err <= tolerance).all(), \
+        f"{what} differ by {err[worst]:.3g} at position {worst} (tolerance there {tolerance[worst]:.3g})"
+
+
 @pytest.mark.parametrize("seq", [14, 70])  # 70 crosses the 64-token chunk of the delta rule
 def test_megatron_matches_transformers(megatron_single, tmp_path, monkeypatch, seq):
     _use_torch_gated_delta_net(monkeypatch)
@@ -206,17 +216,10 @@ def test_megatron_matches_transformers(megatron_single, tmp_path, monkeypatch, s
     # 2.4-2.9e-4 at that position only (torch and fla delta rule alike, TF32 on or off;
     # docs/gpu_results/2026-12-03_h200_s2/qwen3_5_parity/), 1e-5 after the 64-token chunk.
     exact_logits, exact_mtp = _hf_reference(ckpt, cfg, hf, ids, dtype=torch.float64)
-    err = _per_position(logits[..., : cfg.vocab_size] - want_logits)
-    tolerance = 2e-4 + 2 * _per_position(want_logits - exact_logits)
-    worst = int((err - tolerance).argmax())
-    assert (err <= tolerance).all(), f"trunk logits differ from transformers by {err[worst]:.3g} at position " \
-                                     f"{worst} (tolerance there {tolerance[worst]:.3g})"
+    _assert_within_rounding(logits[..., : cfg.vocab_size], want_logits, exact_logits, "trunk logits vs transformers")
     # Megatron's last MTP position has no next token: compare the s-1 real ones.
-    err_mtp = _per_position(mtp[:, :-1, : cfg.vocab_size] - want_mtp)
-    tolerance_mtp = 2e-4 + 2 * _per_position(want_mtp - exact_mtp)
-    worst = int((err_mtp - tolerance_mtp).argmax())
-    assert (err_mtp <= tolerance_mtp).all(), f"MTP logits differ from the transformers-module reference by " \
-                                             f"{err_mtp[worst]:.3g} at position {worst} (tolerance {tolerance_mtp[worst]:.3g})"
+    _assert_within_rounding(mtp[:, :-1, : cfg.vocab_size], want_mtp, exact_mtp,
+                            "MTP logits vs the transformers-module reference")
 
 
 def test_multimodal_release_names_map_to_the_text_model():
