@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from skyrl_mtp.mtp.topk import merge_topk, row_topk
 from skyrl_mtp.mtp.vocab_parallel import (
     VocabShard,
     all_gather_last_dim,
@@ -490,20 +491,20 @@ def _sparse_reduce(
 def _global_topk(teacher: Tensor, n: int, k: int, temperature: float, shard: VocabShard, comm: Collectives):
     """Global ids [n, k] of the teacher's top-k over the true vocabulary and their probabilities
     renormalised over those k (each rank offers its local top-min(k, num_valid), ``-inf``-padded
-    so every rank gathers equal shapes; there are always >= k real candidates). One torch.topk
-    per chunk: ~2.3 ms per 2,048 x 151,936 bf16 rows on an H200. Measured slower there: a
-    two-stage top-k (segments of 4,748, then the candidates; 3.1 ms) and a Triton radix select
-    over the bf16 bits, one program per row (histograms of the high and low byte: 3.3 ms at
-    best; a 16-step bisection: 5.7 ms; docs/gpu_results/2026-12-03_h200_s2/)."""
+    so every rank gathers equal shapes; there are always >= k real candidates). The local top-k
+    is :func:`skyrl_mtp.mtp.topk.row_topk` (rows split across programs; faster than torch.topk,
+    whose ~2.3 ms per 2,048 x 151,936 bf16 rows on an H200 was a third of this loss's time)."""
     device = teacher.device
     values = torch.full((n, k), -math.inf, dtype=torch.float32, device=device)
-    ids = torch.zeros((n, k), dtype=torch.long, device=device)
+    # Padding candidates carry an id past the vocabulary: they lose every tie to a real one.
+    ids = torch.full((n, k), shard.vocab_size, dtype=torch.long, device=device)
     local_k = min(k, shard.num_valid)
     if local_k > 0:
-        top_values, top_ids = teacher.topk(local_k, dim=-1, sorted=False)
-        values[:, :local_k] = top_values.float()
+        top_values, top_ids = row_topk(teacher, local_k)
+        values[:, :local_k] = top_values
         ids[:, :local_k] = top_ids + shard.offset
-    candidates = comm.all_gather_last_dim(values)
-    candidate_ids = comm.all_gather_last_dim(ids)
-    best, position = candidates.topk(k, dim=-1, sorted=False)
-    return candidate_ids.gather(-1, position), torch.softmax(best / temperature, dim=-1)
+    if shard.size == 1:
+        best, target_ids = values, ids
+    else:
+        best, target_ids = merge_topk(comm.all_gather_last_dim(values), comm.all_gather_last_dim(ids), k)
+    return target_ids, torch.softmax(best / temperature, dim=-1)

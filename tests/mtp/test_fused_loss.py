@@ -17,7 +17,7 @@ import threading
 import pytest
 import torch
 
-from skyrl_mtp.mtp import fused_loss
+from skyrl_mtp.mtp import fused_loss, topk
 from skyrl_mtp.mtp.losses import LOSS_TYPES, draft_loss_from_hidden
 
 
@@ -66,6 +66,8 @@ def _tile(monkeypatch):
     if DEVICE is not None:
         kernels = tuple(_Serialised(k) for k in fused_loss._kernels())
         monkeypatch.setattr(fused_loss, "_kernels", lambda: kernels)
+        topk_kernels = tuple(_Serialised(k) for k in topk._kernels())
+        monkeypatch.setattr(topk, "_kernels", lambda: topk_kernels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,7 +85,9 @@ def reference(hidden, weight, teacher_logits, mask, labels, loss_type, vocab_siz
     if loss_type == "soft_ce":
         per_row = -(p * log_q).sum(-1)
     elif loss_type == "topk_soft_ce":
-        top, ids = y.topk(TOPK, dim=-1)
+        # Ties (bf16 teachers have them) go to the lowest id, as the fused path promises.
+        ids = torch.sort(y, dim=-1, descending=True, stable=True).indices[:, :TOPK]
+        top = y.gather(-1, ids)
         per_row = -(torch.softmax(top, dim=-1) * log_q.gather(-1, ids)).sum(-1)
     elif loss_type == "hard_ce":
         per_row = -log_q.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
