@@ -1,7 +1,7 @@
 """Benchmark skyrl_mtp.mtp.topk.row_topk against torch.topk on teacher-logit-shaped rows.
 
 Prints one JSON object: per logit distribution, the median time of torch.topk and of row_topk
-for each (max segment width, offers per segment) setting, side by side in one run, with
+for each (max segment width, warps per segment program) setting, side by side in one run, with
 whether the ids are the same set as torch.topk's (values equal and ids equal where values are
 unique), the elements >= tau per row (mean / max; what the per-row buffer must hold) and the
 rows that overflowed it. Memory-bandwidth bound: reading the rows twice at --bandwidth-gbps.
@@ -30,7 +30,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--max-segs", type=int, nargs="+", default=[topk_module._MAX_SEG])
-    parser.add_argument("--per-segs", type=int, nargs="+", default=[topk_module._PER_SEG])
+    parser.add_argument("--warps", type=int, nargs="+", default=[topk_module._WARPS])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--bandwidth-gbps", type=float, default=4300.0)
     return parser.parse_args()
@@ -91,12 +91,12 @@ def main() -> None:
         theirs = values.topk(args.k, dim=-1, sorted=False)
         entry = {"torch_topk_ms": round(median_ms(lambda: values.topk(args.k, dim=-1, sorted=False), args.repeats), 3)}
         for max_seg in args.max_segs:
-            for per_seg in args.per_segs:
-                topk_module._MAX_SEG, topk_module._PER_SEG = max_seg, per_seg
+            for warps in args.warps:
+                topk_module._MAX_SEG, topk_module._WARPS = max_seg, warps
                 plan = topk_module._segment_plan(args.vocab, args.k)
-                _, counts = topk_module._candidates(values, args.k, *plan)
+                counts = topk_module._candidates(values, args.k, *plan)[2]
                 ours = topk_module.row_topk(values, args.k)
-                entry[f"seg{max_seg}_offers{per_seg}"] = {
+                entry[f"seg{max_seg}_warps{warps}"] = {
                     "ms": round(median_ms(lambda: topk_module.row_topk(values, args.k), args.repeats), 3),
                     "segment": plan[0], "same_as_torch": same_as_torch(ours, theirs),
                     "above_tau_mean": round(counts.float().mean().item(), 1), "above_tau_max": int(counts.max()),

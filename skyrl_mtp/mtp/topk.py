@@ -1,22 +1,24 @@
 """Exact top-k along long rows (a vocabulary's teacher logits), ties toward the lowest column.
 
 This module owns :func:`row_topk`, the teacher top-k of the fused topk_soft_ce loss
-(:mod:`skyrl_mtp.mtp.fused_loss`). torch.topk over 2,048 x 151,936 bf16 logits takes ~2.3 ms
-on an H200 (~270 GB/s: its radix select walks each row once per digit). This reads each row
-twice at close to full bandwidth instead, with the row split across programs:
+(:mod:`skyrl_mtp.mtp.fused_loss`), and :func:`merge_topk`, the merge of the TP ranks' top-k.
+torch.topk over 4,096 x 151,936 bf16 logits takes ~4.5 ms on an H200 (~270 GB/s: its radix
+select walks each row once per digit). This reads each row twice at close to full bandwidth
+instead, with each row split across programs:
 
-1. one Triton program per (row, segment of ``seg`` columns) writes its segment's ``per_seg``
-   largest values. They are distinct elements of the row, so the k-th largest of them, ``tau``,
-   is a lower bound on the row's k-th largest value: every top-k element is >= tau;
-2. one program per (row, segment) appends its elements >= tau (a few times k of them on
-   logits) to a per-row buffer of ``capacity`` slots, through an atomic counter per row, as
-   64-bit keys: the value's order-preserving bits, then the complemented column;
-3. ``torch.topk(k, sorted=True)`` over the ``[rows, capacity]`` keys. Keys are unique, so the
-   result does not depend on the order the atomics appended them in (deterministic).
+1. ``segment_top``, one program per (row, segment of ``seg`` columns): the segment's two
+   largest values. They are distinct elements of the row, so the k-th largest of all the
+   offers, ``tau``, is a lower bound on the row's k-th largest value: every top-k element is
+   >= tau. ``row_tau`` sorts each row's offers to find it;
+2. ``collect``, one program per (row, segment): each element >= tau (a little over k of them
+   on logits) takes a slot of a per-row buffer from an atomic counter and writes a 64-bit key
+   there: the value's order-preserving bits, then the complemented column;
+3. ``select``, one program per row: sorts the buffer's keys and writes the first k, decoded.
+   Keys are unique, so the result does not depend on the order the atomics handed out slots.
 
-A row with more than ``capacity`` elements >= tau (a constant row, say) goes through the same
-key top-k in torch over the whole row, as does everything off CUDA without Triton's
-interpreter: every path returns the same ids. Rows must not hold NaN.
+A row with more than ``capacity`` elements >= tau (a constant row, say) is redone by the same
+key top-k in torch over the whole row, as is everything off CUDA without Triton's interpreter:
+every path returns the same ids. Rows must not hold NaN.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from torch import Tensor
 _LOW_BITS = 0xFFFFFFFF  # the complemented column sits in a key's low 32 bits
 _MAX_SEG = 1024  # columns per program; smaller when a row has too few segments for k
 _MIN_SEG = 16
-_PER_SEG = 2  # values each segment offers to tau: 2 keeps tau tight when the mass clusters
+_OFFERS = 2  # values per segment: the second keeps tau tight when the top mass clusters in ids
+_WARPS = 2  # per segment program (fewer threads per 1,024 columns ran faster on the H200)
 _FALLBACK_ROWS = 256  # rows per torch key top-k (an int64 [rows, n_cols] buffer)
 
 
@@ -51,28 +54,36 @@ def row_topk(values: Tensor, k: int, use_triton: bool = True) -> tuple[Tensor, T
     plan = _segment_plan(n_cols, k)
     if plan is None or n == 0 or not use_triton:
         return _key_topk(values, k)
-    keys, counts = _candidates(values, k, *plan)
-    top, ids = _decode(keys.topk(k, dim=-1, sorted=True).values)
-    overflow = (counts > keys.shape[1]).nonzero().squeeze(-1)  # the one host sync
+    top, ids, counts = _candidates(values, k, *plan)
+    overflow = (counts > _capacity(k)).nonzero().squeeze(-1)  # the one host sync
     if overflow.numel():
         top[overflow], ids[overflow] = _key_topk(values[overflow], k)
     return top, ids
 
 
-def _candidates(values: Tensor, k: int, seg: int, n_seg: int) -> tuple[Tensor, Tensor]:
-    """Steps 1 and 2: (keys [n, capacity] of the elements >= tau, -2^63 in unused slots;
-    counts [n] of elements >= tau, which may exceed capacity)."""
+def _candidates(values: Tensor, k: int, seg: int, n_seg: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernels: (top [n, k], ids [n, k], counts [n] of elements >= tau); rows whose count
+    exceeds the capacity have garbage in top and ids."""
     n, n_cols = values.shape
-    segment_top, collect = _kernels()
+    segment_top, row_tau, collect, select = _kernels()
     device = values.device
-    offers = torch.empty((n, n_seg * _PER_SEG), dtype=torch.float32, device=device)
-    segment_top[(n, n_seg)](values, offers, n_cols, values.stride(0), n_seg, SEG=seg, PER_SEG=_PER_SEG)
-    tau = offers.topk(k, dim=-1, sorted=False).values.amin(dim=-1)
+    n_offers = n_seg * _OFFERS
+    offers = torch.empty((n, n_offers), dtype=torch.float32, device=device)
+    segment_top[(n, n_seg)](values, offers, n_cols, values.stride(0), n_seg, SEG=seg, num_warps=_WARPS)
+    tau = torch.empty(n, dtype=torch.float32, device=device)
+    row_tau[(n,)](offers, tau, n_offers, k, BLOCK=_next_power_of_2(n_offers))
     capacity = _capacity(k)
     counts = torch.zeros(n, dtype=torch.int32, device=device)
     keys = torch.full((n, capacity), torch.iinfo(torch.int64).min, dtype=torch.int64, device=device)
-    collect[(n, n_seg)](values, tau, counts, keys, n_cols, values.stride(0), capacity, SEG=seg)
-    return keys, counts
+    collect[(n, n_seg)](values, tau, counts, keys, n_cols, values.stride(0), capacity, SEG=seg, num_warps=_WARPS)
+    top = torch.empty((n, k), dtype=torch.float32, device=device)
+    ids = torch.empty((n, k), dtype=torch.int64, device=device)
+    select[(n,)](keys, top, ids, k, CAPACITY=capacity)
+    return top, ids, counts
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def _segment_plan(n_cols: int, k: int) -> tuple[int, int] | None:
@@ -81,15 +92,16 @@ def _segment_plan(n_cols: int, k: int) -> tuple[int, int] | None:
     seg = _MAX_SEG
     while seg >= _MIN_SEG:
         n_seg = math.ceil(n_cols / seg)
-        if n_seg * _PER_SEG >= 2 * k:
+        if n_seg * _OFFERS >= 2 * k:
             return seg, n_seg
         seg //= 2
     return None
 
 
 def _capacity(k: int) -> int:
-    """Slots per row for the elements >= tau: ~2k expected on logits, 8k before falling back."""
-    return max(256, 1 << (8 * k - 1).bit_length())
+    """Slots per row for the elements >= tau (a power of two): ~1.1k on iid logits, ~6k with
+    the top mass in one block of ids (scripts/bench_topk.py), 8k before falling back."""
+    return max(256, _next_power_of_2(8 * k))
 
 
 def _order_keys(values: Tensor, columns: Tensor | None = None) -> Tensor:
@@ -137,35 +149,55 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def segment_top(x_ptr, out_ptr, n_cols, x_stride, n_seg, SEG: tl.constexpr, PER_SEG: tl.constexpr):
-        """out[row, seg * PER_SEG + j]: the segment's j-th largest value (-inf past the row)."""
+    def segment_top(x_ptr, out_ptr, n_cols, x_stride, n_seg, SEG: tl.constexpr):
+        """out[row, 2 * seg + (0, 1)]: the segment's largest value and its second largest (the
+        same value again when it occurs twice; -inf past the row)."""
         row = tl.program_id(0).to(tl.int64)
         seg = tl.program_id(1)
-        offsets = tl.arange(0, SEG)
-        cols = seg * SEG + offsets
+        cols = seg * SEG + tl.arange(0, SEG)
         x = tl.load(x_ptr + row * x_stride + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
-        out = out_ptr + (row * n_seg + seg) * PER_SEG
-        for j in tl.static_range(PER_SEG):
-            top, where = tl.max(x, axis=0, return_indices=True)
-            tl.store(out + j, top)
-            x = tl.where(offsets == where, float("-inf"), x)  # one element out, not its ties
+        top = tl.max(x, axis=0)
+        at_top = x == top
+        second = tl.max(tl.where(at_top, float("-inf"), x), axis=0)
+        second = tl.where(tl.sum(at_top.to(tl.int32), axis=0) > 1, top, second)
+        out = out_ptr + (row * n_seg + seg) * 2
+        tl.store(out, top)
+        tl.store(out + 1, second)
+
+    @triton.jit
+    def row_tau(offers_ptr, tau_ptr, n_offers, k, BLOCK: tl.constexpr):
+        """tau[row]: the k-th largest of the row's offers."""
+        row = tl.program_id(0).to(tl.int64)
+        index = tl.arange(0, BLOCK)
+        offers = tl.load(offers_ptr + row * n_offers + index, mask=index < n_offers, other=float("-inf"))
+        ranked = tl.sort(offers, descending=True)
+        tl.store(tau_ptr + row, tl.max(tl.where(index == k - 1, ranked, float("-inf")), axis=0))
 
     @triton.jit
     def collect(x_ptr, tau_ptr, count_ptr, key_ptr, n_cols, x_stride, capacity, SEG: tl.constexpr):
-        """Append this segment's elements >= tau[row] to key[row, :capacity] as order keys
-        (the same as _order_keys); count[row] ends as the row's total, slots past capacity dropped."""
+        """Each element >= tau[row] takes a slot from count[row] (one atomic per element: a
+        segment holds a few at most) and writes its key (as _order_keys) unless past capacity."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * SEG + tl.arange(0, SEG)
         inside = cols < n_cols
         x = tl.load(x_ptr + row * x_stride + cols, mask=inside, other=float("-inf")).to(tl.float32)
         take = (x >= tl.load(tau_ptr + row)) & inside
-        found = tl.sum(take.to(tl.int32), axis=0)
-        if found > 0:
-            base = tl.atomic_add(count_ptr + row, found)
-            slot = base + tl.cumsum(take.to(tl.int32), axis=0) - 1
-            bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
-            ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-            key = (ordered << 32) + (4294967295 - cols.to(tl.int64))
-            tl.store(key_ptr + row * capacity + slot, key, mask=take & (slot < capacity))
+        slot = tl.atomic_add(count_ptr + row + tl.zeros_like(cols), 1, mask=take, sem="relaxed")
+        bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+        key = (ordered << 32) + (4294967295 - cols.to(tl.int64))
+        tl.store(key_ptr + row * capacity + slot, key, mask=take & (slot < capacity))
 
-    return segment_top, collect
+    @triton.jit
+    def select(key_ptr, top_ptr, ids_ptr, k, CAPACITY: tl.constexpr):
+        """The row's k largest keys, decoded: top[row, :k] values, ids[row, :k] columns."""
+        row = tl.program_id(0).to(tl.int64)
+        index = tl.arange(0, CAPACITY)
+        ranked = tl.sort(tl.load(key_ptr + row * CAPACITY + index), descending=True)
+        ordered = (ranked >> 32).to(tl.int32)
+        value = tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(tl.float32, bitcast=True)
+        first = index < k
+        tl.store(top_ptr + row * k + index, value, mask=first)
+        tl.store(ids_ptr + row * k + index, 4294967295 - (ranked & 4294967295), mask=first)
+
+    return segment_top, row_tau, collect, select
