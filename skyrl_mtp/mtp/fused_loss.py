@@ -60,9 +60,9 @@ from skyrl_mtp.mtp.vocab_parallel import (
 
 # Rows per chunk: bounds the one chunk's logits buffer (2048 x 151,936 bf16 = 594 MiB) while
 # keeping the matmuls large enough to run at cuBLAS's full rate. topk_soft_ce takes 4096: its
-# per-row top-k pass amortises better over longer chunks (H200, H = 2048, V = 151,936, S = 8192:
-# 1.92x its compute bound at 4096 rows vs 1.99x at 2048, for 1,257 vs 645 MiB of extra memory;
-# docs/gpu_results/2026-12-02_h200_s7/bench_topk.json).
+# per-chunk top-k and host sync amortise better over longer chunks (H200, H = 2048, V = 151,936,
+# S = 8192, row_topk: 1.53x its compute bound at 4096 rows vs 1.68x at 2048, for 1,254 vs 642 MiB
+# of extra memory; docs/gpu_results/2026-12-03_h200_s3/topk_chunk_rows.json).
 DEFAULT_CHUNK_ROWS = 2048
 DEFAULT_CHUNK_ROWS_BY_LOSS = {"topk_soft_ce": 4096}
 
