@@ -35,6 +35,7 @@ _MIN_SEG = 16
 _OFFERS = 2  # values per segment: the second keeps tau tight when the top mass clusters in ids
 _WARPS = 2  # per segment program (fewer threads per 1,024 columns ran faster on the H200)
 _FALLBACK_ROWS = 256  # rows per torch key top-k (an int64 [rows, n_cols] buffer)
+_MAX_K = 256  # above it select's one-program sort (8k keys) grows past what fits in registers
 
 
 def row_topk(values: Tensor, k: int, use_triton: bool = True) -> tuple[Tensor, Tensor]:
@@ -88,7 +89,10 @@ def _next_power_of_2(n: int) -> int:
 
 def _segment_plan(n_cols: int, k: int) -> tuple[int, int] | None:
     """(columns per segment, segments): the widest power-of-two segment whose offers number at
-    least 2k (so tau is well above the row's bulk), or None when the row is too short for it."""
+    least 2k (so tau is well above the row's bulk), or None when the row is too short for it or
+    k is over _MAX_K (the torch key path then)."""
+    if k > _MAX_K:
+        return None
     seg = _MAX_SEG
     while seg >= _MIN_SEG:
         n_seg = math.ceil(n_cols / seg)

@@ -98,6 +98,7 @@ def test_segment_plan():
     # A TP shard of 18,992 columns: segments shrink until the offers reach 2k.
     assert topk_module._segment_plan(18_992, 64) == (256, 75)
     assert topk_module._segment_plan(300, 40) is None  # 19 segments of 16 give 38 < 80 offers
+    assert topk_module._segment_plan(151_936, 257) is None  # over _MAX_K: the torch key path
 
 
 triton_only = pytest.mark.skipif(not TRITON_HERE, reason="needs Triton with CUDA, or TRITON_INTERPRET=1")
