@@ -68,19 +68,29 @@ def _candidates(values: Tensor, k: int, seg: int, n_seg: int) -> tuple[Tensor, T
     n, n_cols = values.shape
     segment_top, row_tau, collect, select = _kernels()
     device = values.device
+    rows = _rows_per_program(n, device)
+    blocks = -(-n // rows)
     n_offers = n_seg * _OFFERS
     offers = torch.empty((n, n_offers), dtype=torch.float32, device=device)
-    segment_top[(n, n_seg)](values, offers, n_cols, values.stride(0), n_seg, SEG=seg, num_warps=_WARPS)
+    segment_top[(blocks, n_seg)](values, offers, n, n_cols, values.stride(0), n_seg, SEG=seg, ROWS=rows,
+                                 num_warps=_WARPS)
     tau = torch.empty(n, dtype=torch.float32, device=device)
-    row_tau[(n,)](offers, tau, n_offers, k, BLOCK=_next_power_of_2(n_offers))
+    row_tau[(blocks,)](offers, tau, n, n_offers, k, BLOCK=_next_power_of_2(n_offers), ROWS=rows)
     capacity = _capacity(k)
     counts = torch.zeros(n, dtype=torch.int32, device=device)
     keys = torch.full((n, capacity), torch.iinfo(torch.int64).min, dtype=torch.int64, device=device)
-    collect[(n, n_seg)](values, tau, counts, keys, n_cols, values.stride(0), capacity, SEG=seg, num_warps=_WARPS)
+    collect[(blocks, n_seg)](values, tau, counts, keys, n, n_cols, values.stride(0), capacity, SEG=seg, ROWS=rows,
+                             num_warps=_WARPS)
     top = torch.empty((n, k), dtype=torch.float32, device=device)
     ids = torch.empty((n, k), dtype=torch.int64, device=device)
-    select[(n,)](keys, top, ids, k, CAPACITY=capacity)
+    select[(blocks,)](keys, top, ids, n, k, CAPACITY=capacity, ROWS=rows)
     return top, ids, counts
+
+
+def _rows_per_program(n: int, device: torch.device) -> int:
+    """One row per program on a GPU (what was measured); under Triton's interpreter, which runs
+    programs one by one in Python, up to 64 rows per program, as its sorts cost per program."""
+    return 1 if device.type == "cuda" else min(64, _next_power_of_2(n))
 
 
 def _next_power_of_2(n: int) -> int:
@@ -105,7 +115,7 @@ def _segment_plan(n_cols: int, k: int) -> tuple[int, int] | None:
 def _capacity(k: int) -> int:
     """Slots per row for the elements >= tau (a power of two): ~1.1k on iid logits, ~6k with
     the top mass in one block of ids (scripts/bench_topk.py), 8k before falling back."""
-    return max(256, _next_power_of_2(8 * k))
+    return max(64, _next_power_of_2(8 * k))
 
 
 def _order_keys(values: Tensor, columns: Tensor | None = None) -> Tensor:
@@ -152,56 +162,75 @@ def _kernels():
     import triton
     import triton.language as tl
 
+    # Every kernel takes ROWS rows per program ([ROWS, ...] blocks; 1 on a GPU).
     @triton.jit
-    def segment_top(x_ptr, out_ptr, n_cols, x_stride, n_seg, SEG: tl.constexpr):
+    def segment_top(x_ptr, out_ptr, n_rows, n_cols, x_stride, n_seg, SEG: tl.constexpr, ROWS: tl.constexpr):
         """out[row, 2 * seg + (0, 1)]: the segment's largest value and its second largest (the
         same value again when it occurs twice; -inf past the row)."""
-        row = tl.program_id(0).to(tl.int64)
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        rows = rows.to(tl.int64)
         seg = tl.program_id(1)
         cols = seg * SEG + tl.arange(0, SEG)
-        x = tl.load(x_ptr + row * x_stride + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
-        top = tl.max(x, axis=0)
-        at_top = x == top
-        second = tl.max(tl.where(at_top, float("-inf"), x), axis=0)
-        second = tl.where(tl.sum(at_top.to(tl.int32), axis=0) > 1, top, second)
-        out = out_ptr + (row * n_seg + seg) * 2
-        tl.store(out, top)
-        tl.store(out + 1, second)
+        inside = row_ok[:, None] & (cols < n_cols)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=inside, other=float("-inf"))
+        x = x.to(tl.float32)
+        top = tl.max(x, axis=1)
+        at_top = x == top[:, None]
+        second = tl.max(tl.where(at_top, float("-inf"), x), axis=1)
+        second = tl.where(tl.sum(at_top.to(tl.int32), axis=1) > 1, top, second)
+        out = out_ptr + (rows * n_seg + seg) * 2
+        tl.store(out, top, mask=row_ok)
+        tl.store(out + 1, second, mask=row_ok)
 
     @triton.jit
-    def row_tau(offers_ptr, tau_ptr, n_offers, k, BLOCK: tl.constexpr):
+    def row_tau(offers_ptr, tau_ptr, n_rows, n_offers, k, BLOCK: tl.constexpr, ROWS: tl.constexpr):
         """tau[row]: the k-th largest of the row's offers."""
-        row = tl.program_id(0).to(tl.int64)
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        rows = rows.to(tl.int64)
         index = tl.arange(0, BLOCK)
-        offers = tl.load(offers_ptr + row * n_offers + index, mask=index < n_offers, other=float("-inf"))
-        ranked = tl.sort(offers, descending=True)
-        tl.store(tau_ptr + row, tl.max(tl.where(index == k - 1, ranked, float("-inf")), axis=0))
+        offers = tl.load(offers_ptr + rows[:, None] * n_offers + index[None, :],
+                         mask=row_ok[:, None] & (index < n_offers)[None, :], other=float("-inf"))
+        ranked = tl.sort(offers, dim=1, descending=True)
+        tl.store(tau_ptr + rows, tl.max(tl.where(index[None, :] == k - 1, ranked, float("-inf")), axis=1),
+                 mask=row_ok)
 
     @triton.jit
-    def collect(x_ptr, tau_ptr, count_ptr, key_ptr, n_cols, x_stride, capacity, SEG: tl.constexpr):
+    def collect(x_ptr, tau_ptr, count_ptr, key_ptr, n_rows, n_cols, x_stride, capacity, SEG: tl.constexpr,
+                ROWS: tl.constexpr):
         """Each element >= tau[row] takes a slot from count[row] (one atomic per element: a
         segment holds a few at most) and writes its key (as _order_keys) unless past capacity."""
-        row = tl.program_id(0).to(tl.int64)
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        rows = rows.to(tl.int64)
         cols = tl.program_id(1) * SEG + tl.arange(0, SEG)
-        inside = cols < n_cols
-        x = tl.load(x_ptr + row * x_stride + cols, mask=inside, other=float("-inf")).to(tl.float32)
-        take = (x >= tl.load(tau_ptr + row)) & inside
-        slot = tl.atomic_add(count_ptr + row + tl.zeros_like(cols), 1, mask=take, sem="relaxed")
+        inside = row_ok[:, None] & (cols < n_cols)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=inside, other=float("-inf"))
+        x = x.to(tl.float32)
+        tau = tl.load(tau_ptr + rows, mask=row_ok, other=float("inf"))
+        take = (x >= tau[:, None]) & inside
+        counters = count_ptr + rows[:, None] + tl.zeros_like(cols)[None, :]
+        slot = tl.atomic_add(counters, 1, mask=take, sem="relaxed")
         bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-        key = (ordered << 32) + (4294967295 - cols.to(tl.int64))
-        tl.store(key_ptr + row * capacity + slot, key, mask=take & (slot < capacity))
+        key = (ordered << 32) + (4294967295 - cols.to(tl.int64))[None, :]
+        tl.store(key_ptr + rows[:, None] * capacity + slot, key, mask=take & (slot < capacity))
 
     @triton.jit
-    def select(key_ptr, top_ptr, ids_ptr, k, CAPACITY: tl.constexpr):
+    def select(key_ptr, top_ptr, ids_ptr, n_rows, k, CAPACITY: tl.constexpr, ROWS: tl.constexpr):
         """The row's k largest keys, decoded: top[row, :k] values, ids[row, :k] columns."""
-        row = tl.program_id(0).to(tl.int64)
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        rows = rows.to(tl.int64)
         index = tl.arange(0, CAPACITY)
-        ranked = tl.sort(tl.load(key_ptr + row * CAPACITY + index), descending=True)
+        keys = tl.load(key_ptr + rows[:, None] * CAPACITY + index[None, :], mask=row_ok[:, None], other=0)
+        ranked = tl.sort(keys, dim=1, descending=True)
         ordered = (ranked >> 32).to(tl.int32)
         value = tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(tl.float32, bitcast=True)
-        first = index < k
-        tl.store(top_ptr + row * k + index, value, mask=first)
-        tl.store(ids_ptr + row * k + index, 4294967295 - (ranked & 4294967295), mask=first)
+        first = row_ok[:, None] & (index < k)[None, :]
+        out = rows[:, None] * k + index[None, :]
+        tl.store(top_ptr + out, value, mask=first)
+        tl.store(ids_ptr + out, 4294967295 - (ranked & 4294967295), mask=first)
 
     return segment_top, row_tau, collect, select
